@@ -1,0 +1,101 @@
+"""Sans-io decisions of a lingering close: when to stop reading and how to close.
+
+A LingerState is created when a connection's write side has been shut down.
+The engine feeds it events (bytes read, EOF, error, timer) with a clock value
+and gets back None (keep draining) or an Ending (close now, and how).
+No sockets, no clocks of its own: everything is an argument.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..settings import Settings
+
+
+class EndReason(str, enum.Enum):
+    EOF = "eof"                      # the client closed: the clean end
+    IDLE_TIMEOUT = "idle_timeout"    # nothing read for linger_timeout
+    TOTAL_TIMEOUT = "total_timeout"  # linger_time since the half-close
+    BYTE_CAP = "byte_cap"            # linger_max_bytes discarded
+    ERROR = "error"                  # read failed (e.g. the client reset)
+    EVICTED = "evicted"              # the lingering set was full; oldest goes first
+    SHUTDOWN = "shutdown"            # the server is stopping
+
+
+# Endings where the client may still be sending: a close there can turn into RST,
+# so the engine may send it on purpose, but only once the client acked everything.
+_MAY_ABORT = frozenset({EndReason.IDLE_TIMEOUT, EndReason.TOTAL_TIMEOUT, EndReason.BYTE_CAP,
+                        EndReason.EVICTED, EndReason.SHUTDOWN})
+
+
+@dataclass(frozen=True)
+class Ending:
+    reason: EndReason
+    abort_if_acked: bool  # RST allowed when the send queue is empty (nothing unacked)
+
+
+class LingerState:
+    """One connection between its half-close and its close."""
+
+    __slots__ = ("started", "last_read", "discarded", "ending", "_idle", "_total_deadline",
+                 "_max_bytes", "_abort")
+
+    def __init__(self, settings: Settings, now: float) -> None:
+        self.started = now
+        self.last_read = now
+        self.discarded = 0
+        self.ending: Ending | None = None
+        self._idle = settings.linger_timeout
+        self._total_deadline = now + settings.linger_time
+        self._max_bytes = settings.linger_max_bytes
+        self._abort = settings.abort_on_timeout
+
+    @property
+    def total_deadline(self) -> float:
+        return self._total_deadline
+
+    @property
+    def idle_deadline(self) -> float:
+        return self.last_read + self._idle
+
+    @property
+    def deadline(self) -> float:
+        """When on_timer must next be called; never later than started + linger_time."""
+        return min(self.last_read + self._idle, self._total_deadline)
+
+    def on_data(self, nbytes: int, now: float) -> Ending | None:
+        """Bytes were read and discarded. Data never means 'done': only EOF does."""
+        if self.ending:
+            return None
+        self.discarded += nbytes
+        self.last_read = max(self.last_read, now)
+        if self._max_bytes is not None and self.discarded >= self._max_bytes:
+            return self._end(EndReason.BYTE_CAP)
+        return self.on_timer(now)
+
+    def on_eof(self) -> Ending | None:
+        return None if self.ending else self._end(EndReason.EOF)
+
+    def on_error(self) -> Ending | None:
+        return None if self.ending else self._end(EndReason.ERROR)
+
+    def on_evict(self) -> Ending | None:
+        return None if self.ending else self._end(EndReason.EVICTED)
+
+    def on_shutdown(self) -> Ending | None:
+        return None if self.ending else self._end(EndReason.SHUTDOWN)
+
+    def on_timer(self, now: float) -> Ending | None:
+        if self.ending:
+            return None
+        if now >= self._total_deadline:
+            return self._end(EndReason.TOTAL_TIMEOUT)
+        if now >= self.last_read + self._idle:
+            return self._end(EndReason.IDLE_TIMEOUT)
+        return None
+
+    def _end(self, reason: EndReason) -> Ending:
+        self.ending = Ending(reason, self._abort and reason in _MAY_ABORT)
+        return self.ending

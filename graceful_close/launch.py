@@ -1,0 +1,126 @@
+"""Start real gunicorn/uvicorn processes on 127.0.0.1 with an ephemeral port.
+
+Used by the demo, the tests and the benchmarks. The server binds port 0 and we
+read the port it got from its own startup log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+_PORT_LINE = re.compile(rb"(?:Listening at: |Uvicorn running on )https?://127\.0\.0\.1:(\d+)")
+
+# Worker classes by short name: stock gunicorn's and ours.
+GUNICORN_WORKERS = {
+    "sync": ("sync", "graceful_close.gunicorn.SyncWorker"),
+    "gthread": ("gthread", "graceful_close.gunicorn.ThreadWorker"),
+    "uvicorn-worker": ("uvicorn_worker.UvicornWorker", "graceful_close.gunicorn.UvicornWorker"),
+}
+UVICORN_PROTOCOLS = {
+    "h11": ("h11", "graceful_close.uvicorn:H11Protocol"),
+    "httptools": ("httptools", "graceful_close.uvicorn:HttpToolsProtocol"),
+}
+
+
+@dataclass
+class ServerProcess:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    startup_timeout: float = 20.0
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log: bytearray = field(default_factory=bytearray)
+
+    def start(self) -> ServerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        found = threading.Event()
+        threading.Thread(target=self._pump, args=(found,), daemon=True).start()
+        if not found.wait(self.startup_timeout) or not self.port:
+            self.stop()
+            raise RuntimeError(f"server did not start: {' '.join(self.argv)}\n{self.log_text()}")
+        self._wait_accepting()
+        return self
+
+    def _pump(self, found: threading.Event) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log += line
+            match = _PORT_LINE.search(line)
+            if match and not self.port:
+                self.port = int(match.group(1))
+                found.set()
+        found.set()
+
+    def _wait_accepting(self) -> None:
+        """gunicorn logs its port before its workers boot; wait for one to answer."""
+        import socket
+
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    sock.settimeout(2)
+                    if sock.recv(12).startswith(b"HTTP/1."):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server never answered on port {self.port}\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.decode("utf-8", "replace")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGINT)  # quick stop for both servers
+        if self.wait(timeout) is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def gunicorn_server(app: str, worker_class: str, args: Sequence[str] = (),
+                    env: dict[str, str] | None = None, workers: int = 1) -> ServerProcess:
+    argv = [sys.executable, "-m", "gunicorn", "-b", "127.0.0.1:0", "-k", worker_class,
+            "-w", str(workers), "--log-level", "info", *args, app]  # info: the "Listening at" line
+    return ServerProcess(argv, env or {})
+
+
+def uvicorn_server(app: str, http: str, loop: str = "asyncio", args: Sequence[str] = (),
+                   env: dict[str, str] | None = None) -> ServerProcess:
+    argv = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "0",
+            "--http", http, "--loop", loop, "--no-access-log", *args, app]
+    return ServerProcess(argv, env or {})

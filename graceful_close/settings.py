@@ -1,0 +1,144 @@
+"""One frozen settings object, built from keyword arguments and GRACEFUL_CLOSE_* variables.
+
+Keyword arguments win over the environment; the environment wins over defaults.
+Every bad value raises SettingsError whose message is one line naming the
+setting, the value and the accepted range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+ENV_PREFIX = "GRACEFUL_CLOSE_"
+MAX_SECONDS = 86400.0
+UA_PRESETS = ("legacy", "msie6", "safari", "none")
+
+
+class SettingsError(ValueError):
+    """A setting has a value outside its accepted range (message is one line)."""
+
+
+def _fail(name: str, value: Any, accepted: str) -> SettingsError:
+    return SettingsError(f"graceful-close: invalid {name}={value!r}: expected {accepted}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Limits of the lingering close and of keep-alive.
+
+    Defaults follow nginx: lingering_time 30 s, lingering_timeout 5 s,
+    keepalive_requests 1000, keepalive_time 1 h.
+    """
+
+    linger_time: float = 30.0
+    linger_timeout: float = 5.0
+    linger_max_bytes: int | None = None
+    max_lingering: int = 10000
+    abort_on_timeout: bool = True
+    keepalive_requests: int = 1000
+    keepalive_time: float = 3600.0
+    nokeepalive_user_agents: tuple[str, ...] = ("legacy",)
+
+    def __post_init__(self) -> None:
+        _check_seconds("linger_time", self.linger_time, allow_zero=False)
+        _check_seconds("linger_timeout", self.linger_timeout, allow_zero=False)
+        _check_seconds("keepalive_time", self.keepalive_time, allow_zero=True)
+        if self.linger_max_bytes is not None:
+            _check_int("linger_max_bytes", self.linger_max_bytes, 1, 2**62, "None or an integer >= 1")
+        _check_int("max_lingering", self.max_lingering, 1, 10_000_000, "an integer from 1 to 10000000")
+        _check_int("keepalive_requests", self.keepalive_requests, 0, 2**62,
+                   "an integer >= 0 (0 = no cap)")
+        if not isinstance(self.abort_on_timeout, bool):
+            raise _fail("abort_on_timeout", self.abort_on_timeout, "true or false")
+        rules = self.nokeepalive_user_agents
+        if isinstance(rules, str) or not all(isinstance(r, str) for r in rules):
+            raise _fail("nokeepalive_user_agents", rules,
+                        f"a list of regexes and/or presets {', '.join(UA_PRESETS)}")
+        object.__setattr__(self, "nokeepalive_user_agents", tuple(rules))
+        for rule in self.nokeepalive_user_agents:
+            _check_ua_rule(rule)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then GRACEFUL_CLOSE_<NAME> variables, then keyword arguments."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse_env(field.name, raw)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            names = ", ".join(sorted(unknown))
+            raise SettingsError(f"graceful-close: unknown setting(s) {names}; "
+                                f"known: {', '.join(f.name for f in dataclasses.fields(cls))}")
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_seconds(name: str, value: Any, *, allow_zero: bool) -> None:
+    low = ">= 0" if allow_zero else "> 0"
+    accepted = f"a number of seconds {low} and <= {MAX_SECONDS:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(name, value, accepted)
+    if math.isnan(value) or value > MAX_SECONDS or value < 0 or (value == 0 and not allow_zero):
+        raise _fail(name, value, accepted)
+
+
+def _check_int(name: str, value: Any, low: int, high: int, accepted: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(name, value, accepted)
+
+
+def _check_ua_rule(rule: str) -> None:
+    if rule in UA_PRESETS:
+        return
+    if re.fullmatch(r"[a-z0-9_]+", rule):
+        # Looks like a preset name, not a pattern: a typo should not silently match nothing.
+        raise _fail("nokeepalive_user_agents", rule,
+                    f"a preset ({', '.join(UA_PRESETS)}) or a regex; unknown preset")
+    try:
+        re.compile(rule)
+    except re.error as exc:
+        raise _fail("nokeepalive_user_agents", rule, f"a valid regex ({exc})") from None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    """Turn one environment string into the field's type; errors name the variable."""
+    text = raw.strip()
+    env_name = ENV_PREFIX + name.upper()
+    if name == "abort_on_timeout":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise _fail(env_name, raw, "one of 1/0, true/false, yes/no, on/off")
+    if name == "nokeepalive_user_agents":
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                raise _fail(env_name, raw, "a JSON list of strings or comma-separated presets") from None
+            return tuple(parsed) if isinstance(parsed, list) else parsed
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if name == "linger_max_bytes" and text.lower() in {"", "none"}:
+        return None
+    try:
+        if name in {"linger_max_bytes", "max_lingering", "keepalive_requests"}:
+            return int(text)
+        return float(text)
+    except ValueError:
+        raise _fail(env_name, raw, "a number") from None
