@@ -79,14 +79,18 @@ class Lingerer:
     def lingering(self) -> int:
         return len(self._by_start)
 
-    def stop(self, grace: float) -> None:
-        """Wait up to `grace` seconds for lingering sockets to end, then close the rest."""
+    def stop(self, grace: float, tick: Callable[[], None] | None = None) -> None:
+        """Wait up to `grace` seconds (at most linger_time) for lingering sockets to end,
+        then close the rest. `tick` runs every second meanwhile (a worker's heartbeat)."""
         if self._thread is None:
             return
         grace = max(0.0, min(grace, self.settings.linger_time))
         self._stop_at = self._clock() + grace
         self._wake()
-        self._stopped.wait(grace + 2.0)
+        give_up = time.monotonic() + grace + 2.0
+        while not self._stopped.wait(1.0) and time.monotonic() < give_up:
+            if tick is not None:
+                tick()
 
     # ---- engine thread -------------------------------------------------------------
 

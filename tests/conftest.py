@@ -1,0 +1,17 @@
+import pytest
+
+from graceful_close.launch import ServerProcess
+
+
+@pytest.fixture
+def start_server():
+    """Start ServerProcess objects; every one is stopped at the end of the test."""
+    started: list[ServerProcess] = []
+
+    def start(server: ServerProcess) -> ServerProcess:
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
