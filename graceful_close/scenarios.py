@@ -160,11 +160,15 @@ def _watch_release(sock: socket.socket, result: ScenarioResult, eof_at: float, h
     """After the server's EOF, hold the socket open; note when the server drops it.
 
     The drop is seen as RST: either at once (the server aborted safely) or on the
-    next byte we send (the server's socket is gone).
+    next byte we send (the server's socket is gone). After a FIN, recv() keeps
+    returning b"" even once a RST has come, so the RST is read from SO_ERROR.
     """
     sock.setblocking(False)
     next_trickle = time.monotonic() if trickle_every is not None else None
     while time.monotonic() - eof_at < hold:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            result.released_after = time.monotonic() - eof_at
+            return
         try:
             if next_trickle is not None and time.monotonic() >= next_trickle:
                 sock.send(b"t")
