@@ -1,0 +1,66 @@
+"""The sans-io linger state: deadlines, byte cap, and which endings may abort."""
+
+from graceful_close.core import Counters, EndReason, LingerState
+from graceful_close.settings import Settings
+
+S = Settings(linger_time=30, linger_timeout=5)
+
+
+def test_eof_is_the_clean_end_and_never_aborts():
+    state = LingerState(S, now=100)
+    assert state.on_data(10, now=101) is None
+    ending = state.on_eof()
+    assert ending.reason is EndReason.EOF and not ending.abort_if_acked
+    assert state.on_eof() is None and state.on_timer(1000) is None  # ended stays ended
+
+
+def test_empty_moment_is_not_the_end():
+    """lighttpd stopped when FIONREAD said 0; only EOF or a deadline ends a linger."""
+    state = LingerState(S, now=0)
+    for t in (0.5, 1.0, 4.9):
+        assert state.on_timer(t) is None
+
+
+def test_idle_deadline_moves_with_data_but_total_does_not():
+    state = LingerState(S, now=0)
+    for t in range(4, 29, 4):  # a byte every 4 s keeps the idle deadline ahead
+        assert state.on_data(1, now=t) is None
+        assert state.deadline <= 30
+    assert state.on_timer(29.9) is None
+    ending = state.on_timer(30)
+    assert ending.reason is EndReason.TOTAL_TIMEOUT and ending.abort_if_acked
+
+
+def test_idle_timeout():
+    state = LingerState(S, now=10)
+    assert state.deadline == 15
+    assert state.on_timer(14.99) is None
+    assert state.on_timer(15).reason is EndReason.IDLE_TIMEOUT
+
+
+def test_byte_cap_only_when_set():
+    capped = LingerState(S.replace(linger_max_bytes=100), now=0)
+    assert capped.on_data(99, now=1) is None
+    assert capped.on_data(1, now=1).reason is EndReason.BYTE_CAP
+    uncapped = LingerState(S, now=0)
+    assert uncapped.on_data(10**12, now=1) is None
+
+
+def test_abort_disabled_by_setting():
+    state = LingerState(S.replace(abort_on_timeout=False), now=0)
+    assert state.on_timer(5).abort_if_acked is False
+
+
+def test_error_and_eviction():
+    assert LingerState(S, 0).on_error().reason is EndReason.ERROR
+    assert not LingerState(S, 0).on_error().abort_if_acked
+    assert LingerState(S, 0).on_evict().abort_if_acked
+
+
+def test_counters_add_up():
+    c = Counters()
+    c.lingering_started = 3
+    c.record_end(EndReason.EOF, 10, aborted=False)
+    c.record_end(EndReason.IDLE_TIMEOUT, 5, aborted=True)
+    assert c.lingering_now == 1 and c.bytes_discarded == 15 and c.aborted_with_rst == 1
+    assert "ended_eof=1" in c.summary()
