@@ -1,0 +1,1 @@
+"""Benchmarks of graceful-close against the stock servers (run: python -m benchmarks)."""

@@ -1,0 +1,141 @@
+"""python -m benchmarks [--quick] [--targets ...] [--items ...]
+
+Runs stock and graceful servers side by side for every supported worker and
+protocol, writes results.json, RESULTS.md and the head-of-line chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .correctness import measure_correctness
+from .hol import measure_hol
+from .meta import machine_meta
+from .plan import Plan, plan_for
+from .report import write_report
+from .scale import measure_census, measure_rss
+from .servers import TARGETS, VARIANTS, BenchTarget
+from .throughput import measure_throughput
+from .wrk import ensure_wrk
+
+ITEMS = ("keepalive", "close", "hol", "rss", "census", "correctness")
+PAIR_ITEMS = ("keepalive", "close", "hol", "correctness")  # share one stock+graceful pair
+NOFILE = 65536
+
+
+def raise_nofile(limit: int = NOFILE) -> int:
+    """Raise RLIMIT_NOFILE for this process; the servers it starts inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for wanted in ((limit, max(hard, limit)), (min(limit, hard), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, wanted)
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _guarded(entry: dict, item: str, run) -> None:
+    """One failing item is recorded and the run goes on."""
+    started = time.monotonic()
+    try:
+        entry[item] = run()
+    except Exception as exc:  # noqa: BLE001 - reported in RESULTS.md
+        entry[item] = {"error": f"{exc.__class__.__name__}: {exc}"}
+        log(traceback.format_exc())
+    entry.setdefault("seconds", {})[item] = round(time.monotonic() - started, 1)
+
+
+def run_target(target: BenchTarget, plan: Plan, items: list[str], entry: dict, save) -> None:
+    pair_items = [i for i in items if i in PAIR_ITEMS]
+    if pair_items:
+        with contextlib.ExitStack() as stack:
+            servers = {v: stack.enter_context(target.make(v, plan.graceful_env, loop=plan.loop))
+                       for v in VARIANTS}
+            jobs = {
+                "keepalive": lambda: measure_throughput(servers, plan, close=False, log=log),
+                "close": lambda: measure_throughput(servers, plan, close=True, log=log),
+                "hol": lambda: measure_hol(servers, plan, log=log),
+                "correctness": lambda: measure_correctness(servers, plan, log=log),
+            }
+            for item in pair_items:
+                log(f"  {item}")
+                _guarded(entry, item, jobs[item])
+                save()
+    if "rss" in items:
+        log("  rss")
+        _guarded(entry, "rss", lambda: measure_rss(target, plan, log=log))
+        save()
+    if "census" in items:
+        log("  census")
+        _guarded(entry, "census", lambda: measure_census(target, plan, log=log))
+        save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="short smoke run with small parameters (writes to benchmarks/out/)")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help=f"comma-separated subset of {','.join(TARGETS)}")
+    parser.add_argument("--items", default=",".join(ITEMS),
+                        help=f"comma-separated subset of {','.join(ITEMS)}")
+    parser.add_argument("--reps", type=int, help="repetitions per measurement")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), help="uvicorn event loop")
+    parser.add_argument("--out", type=Path, help="output directory")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite RESULTS.md and the chart from the saved results.json")
+    args = parser.parse_args(argv)
+    out_dir = args.out or Path("benchmarks/out" if args.quick else "benchmarks")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "results.json"
+    if args.report_only:
+        write_report(json.loads(results_path.read_text()), out_dir)
+        return 0
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    items = [i.strip() for i in args.items.split(",") if i.strip()]
+    unknown = [t for t in targets if t not in TARGETS] + [i for i in items if i not in ITEMS]
+    if unknown:
+        parser.error(f"unknown target(s)/item(s): {', '.join(unknown)}")
+    plan = plan_for(args.quick, args.reps, args.loop)
+    nofile = raise_nofile()
+    if {"keepalive", "close"} & set(items):
+        ensure_wrk()
+    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict = {"meta": machine_meta(plan, command.strip(), nofile), "targets": {}}
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=1, default=str))
+
+    for key in targets:
+        target = TARGETS[key]
+        entry = results["targets"].setdefault(key, {"label": target.label})
+        missing = target.missing()
+        log(f"{target.label}" + (f": skipped, {missing}" if missing else ""))
+        if missing:
+            entry["skipped"] = missing
+            save()
+            continue
+        run_target(target, plan, items, entry, save)
+    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    save()
+    report = write_report(results, out_dir)
+    log(f"wrote {results_path}, {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""How long and how big each measurement is: the full run and the --quick smoke run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool = False
+    reps: int = 5                      # alternating stock/graceful repetitions
+    throughput_seconds: float = 5.0    # per wrk run
+    wrk_connections: int = 16
+    hol_counts: tuple[int, ...] = (0, 10, 100, 1000)
+    hol_rate: float = 100.0            # never-closing clients arriving per second
+    hol_min_window: float = 3.0        # seconds the normal client measures at least...
+    hol_tail: float = 2.0              # ...and this long after the last arrival...
+    hol_cap: float = 15.0              # ...but never longer than this per point
+    hol_reps: int = 3
+    rss_clients: int = 10_000
+    census_clients: int = 20
+    census_after: float = 5.0
+    census_linger_timeout: float = 2.0  # the 2 s stock gunicorn lingers, for a like-for-like census
+    correctness_clients: int = 50
+    upload_size: int = 8 << 20
+    loop: str = "uvloop"               # uvicorn's event loop (UvicornWorker picks uvloop itself)
+    graceful_env: dict[str, str] = field(default_factory=dict)  # defaults: linger_time 30, timeout 5
+
+
+FULL = Plan()
+QUICK = Plan(quick=True, reps=1, throughput_seconds=1.0, hol_counts=(0, 10, 100),
+             hol_min_window=1.0, hol_tail=0.5, hol_cap=3.0, hol_reps=1, rss_clients=300,
+             census_clients=3, census_after=3.0, correctness_clients=8, upload_size=2 << 20)
+
+
+def plan_for(quick: bool, reps: int | None = None, loop: str | None = None) -> Plan:
+    plan = QUICK if quick else FULL
+    if reps is not None:
+        plan = replace(plan, reps=reps, hol_reps=reps)
+    if loop is not None:
+        plan = replace(plan, loop=loop)
+    return plan

@@ -1,0 +1,260 @@
+"""RESULTS.md and the head-of-line chart from a results dict (see __main__)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+KEEPALIVE_TARGET = 0.97
+CLOSE_TARGET = 0.90
+HOL_FACTOR = 2.0
+RSS_TARGET = 20 * 2**20
+NOTES = Path(__file__).with_name("notes.md")
+CHART = "hol_p99.png"
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "-"
+    return f"{seconds * 1000:.1f}" if seconds < 10 else f"{seconds * 1000:.0f}"
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else (" ✅" if ok else " ❌")
+
+
+def _ok(item: dict | None) -> bool:
+    return bool(item) and "error" not in item
+
+
+def hol_verdict(hol: dict) -> tuple[bool | None, float, float]:
+    """(target met, graceful N=0 p99, worst graceful p99 at N>0)."""
+    graceful = hol["median"]["graceful"]
+    base = graceful.get("0", {}).get("p99")
+    others = [p["p99"] for n, p in graceful.items() if n != "0"]
+    if base is None or not others:
+        return None, float("nan"), float("nan")
+    worst = max(others)
+    return worst <= HOL_FACTOR * base, base, worst
+
+
+def _summary(targets: dict) -> list[str]:
+    lines = ["| worker / protocol | keep-alive req/s ratio (≥ 0.97) | Connection: close ratio (≥ 0.90) "
+             "| HOL worst p99 vs 2× N=0 p99, graceful | HOL p99 at max N, stock → graceful (ms) "
+             "| RSS growth, 10k lingering (< 20 MiB) | intact under load, graceful (stock) |",
+             "|---|---|---|---|---|---|---|"]
+    for entry in targets.values():
+        if "skipped" in entry:
+            lines.append(f"| {entry['label']} | skipped: {entry['skipped']} ||||||")
+            continue
+        cells = [entry["label"]]
+        for item, goal in (("keepalive", KEEPALIVE_TARGET), ("close", CLOSE_TARGET)):
+            data = entry.get(item)
+            cells.append(f"{data['ratio']:.3f}{_mark(data['ratio'] >= goal)}" if _ok(data) else "-")
+        hol = entry.get("hol")
+        if _ok(hol):
+            met, base, worst = hol_verdict(hol)
+            cells.append(f"{_ms(worst)} vs {_ms(HOL_FACTOR * base)} ms{_mark(met)}")
+            top = max(hol["median"]["graceful"], key=int)
+            cells.append(f"{_ms(hol['median']['stock'][top]['p99'])} → "
+                         f"{_ms(hol['median']['graceful'][top]['p99'])} (N={top})")
+        else:
+            cells += ["-", "-"]
+        rss = entry.get("rss")
+        cells.append(f"{rss['growth'] / 2**20:.1f} MiB for {rss['clients']}"
+                     f"{_mark(rss['growth'] < RSS_TARGET and rss['all_held'])}" if _ok(rss) else "-")
+        corr = entry.get("correctness")
+        if _ok(corr):
+            parts = []
+            for name in corr["graceful"]:
+                g, s = corr["graceful"][name], corr["stock"][name]
+                parts.append(f"{name.split('_')[0]} {g['intact']}/{g['total']} ({s['intact']}/{s['total']})"
+                             f"{_mark(g['intact'] == g['total'])}")
+            cells.append("<br>".join(parts))
+        else:
+            cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _throughput(targets: dict, item: str, title: str) -> list[str]:
+    lines = [f"### {title}", "", "| worker / protocol | stock req/s (median) | graceful req/s (median) "
+             "| ratio | socket errors + non-2xx, stock / graceful | runs stock | runs graceful |",
+             "|---|---|---|---|---|---|---|"]
+    command = ""
+    for entry in targets.values():
+        data = entry.get(item)
+        if not _ok(data):
+            if data:
+                lines.append(f"| {entry['label']} | error: {data['error']} ||||||")
+            continue
+        command = data["command"]
+        runs = {v: ", ".join(f"{r:.0f}" for r in data["runs"][v]) for v in data["runs"]}
+        lines.append(f"| {entry['label']} | {data['median']['stock']:.0f} | "
+                     f"{data['median']['graceful']:.0f} | {data['ratio']:.3f} | "
+                     f"{data['errors']['stock']} / {data['errors']['graceful']} | "
+                     f"{runs['stock']} | {runs['graceful']} |")
+    return lines + ["", f"wrk command (per run, PORT = the server's): `{command}`", ""]
+
+
+def _hol(targets: dict) -> list[str]:
+    lines = ["### 3. Head-of-line blocking", "",
+             "Latency of one normal client (a new connection per request, 10 ms between requests) "
+             "while N clients that read their response and never close arrive at 100/s. "
+             "Medians over repetitions; a request still waiting when the window closed counts "
+             "with its wait so far (so stock numbers are lower bounds).", "",
+             "| worker / protocol | N | window s | stock p50 / p99 / max ms | stock requests | "
+             "graceful p50 / p99 / max ms | graceful requests | crowd answered stock / graceful |",
+             "|---|---|---|---|---|---|---|---|"]
+    for entry in targets.values():
+        hol = entry.get("hol")
+        if not _ok(hol):
+            continue
+        med = hol["median"]
+        for n in sorted(med["graceful"], key=int):
+            s, g = med["stock"][n], med["graceful"][n]
+            lines.append(f"| {entry['label']} | {n} | {g['window']:.1f} | "
+                         f"{_ms(s['p50'])} / {_ms(s['p99'])} / {_ms(s['max'])} | {s['requests']:.0f} | "
+                         f"{_ms(g['p50'])} / {_ms(g['p99'])} / {_ms(g['max'])} | {g['requests']:.0f} | "
+                         f"{s['crowd_answered']:.0f}/{s['arrived']:.0f} / "
+                         f"{g['crowd_answered']:.0f}/{g['arrived']:.0f} |")
+    return lines + ["", f"![p99 latency vs never-closing clients]({CHART})", ""]
+
+
+def _rss(targets: dict) -> list[str]:
+    lines = ["### 4. One graceful worker holding many lingering sockets", "",
+             "| worker / protocol | lingering clients | RSS before → while holding (MiB) | growth MiB "
+             "| bytes per socket | fds before → holding → after clients close | server FIN-WAIT-2 "
+             "| normal requests meanwhile (failed) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for entry in targets.values():
+        r = entry.get("rss")
+        if not _ok(r):
+            if r:
+                lines.append(f"| {entry['label']} | error: {r['error']} |||||||")
+            continue
+        lines.append(f"| {entry['label']} | {r['clients']} | {r['base_rss'] / 2**20:.1f} → "
+                     f"{r['rss'] / 2**20:.1f} | {r['growth'] / 2**20:.1f} | "
+                     f"{r['growth'] / max(1, r['clients']):.0f} | {r['base_fds']} → {r['fds']} → "
+                     f"{r['fds_after_release']} | {r['server_fin_wait_2']} | "
+                     f"{r['probe_requests']} ({r['probe_failed']}) |")
+    return lines + [""]
+
+
+def _census(targets: dict, plan: dict) -> list[str]:
+    lines = ["### 5. Aftermath census", "",
+             f"{plan['census_clients']} clients read their response and never close; "
+             f"{plan['census_after']:g} s after the last one was answered, `ss` counts the sockets "
+             "on the server port (server side, orphans included) and on the clients' side. "
+             f"Graceful runs with linger_timeout={plan['census_linger_timeout']:g} s, the 2 s stock "
+             "gunicorn lingers.", "",
+             "| worker / protocol | variant | served in s | server FIN-WAIT-2 | server TIME-WAIT "
+             "| server CLOSE-WAIT | server ESTAB | client CLOSE-WAIT | client ESTAB | clients saw RST |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in targets.values():
+        c = entry.get("census")
+        if not _ok(c):
+            continue
+        for variant, r in c.items():
+            s, k = r["server"], r["client"]
+            lines.append(f"| {entry['label']} | {variant} | {r['served_after']:.1f} | "
+                         f"{s['FIN-WAIT-2']} | {s['TIME-WAIT']} | {s['CLOSE-WAIT']} | {s['ESTAB']} | "
+                         f"{k['CLOSE-WAIT']} | {k['ESTAB']} | {r['reset_seen']}/{r['clients']} |")
+    return lines + [""]
+
+
+def _correctness(targets: dict, plan: dict) -> list[str]:
+    lines = ["### 6. Correctness under load", "",
+             f"{plan['correctness_clients']} clients at once run each scenario of "
+             "graceful_close.scenarios: `pipelined_after_close` (a 2,000,000-byte response with "
+             "Connection: close, 5 requests pipelined behind it) and `early_response_upload` "
+             f"(a {plan['upload_size'] // 2**20} MiB upload answered early by a 1,000,000-byte 413).",
+             "", "| worker / protocol | scenario | stock intact | stock endings | graceful intact "
+             "| graceful endings |", "|---|---|---|---|---|---|"]
+    for entry in targets.values():
+        c = entry.get("correctness")
+        if not _ok(c):
+            continue
+        for name in c["graceful"]:
+            s, g = c["stock"][name], c["graceful"][name]
+            lines.append(f"| {entry['label']} | {name} | {s['intact']}/{s['total']} | "
+                         f"{s['endings']} | {g['intact']}/{g['total']} | {g['endings']} |")
+    return lines + [""]
+
+
+def write_chart(targets: dict, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_hol = [(e["label"], e["hol"]["median"]) for e in targets.values() if _ok(e.get("hol"))]
+    if not with_hol:
+        return False
+    cols = min(3, len(with_hol))
+    rows = math.ceil(len(with_hol) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    for ax, (label, med) in zip(axes.flat, with_hol):
+        ns = sorted(med["graceful"], key=int)
+        xs = range(len(ns))
+        for variant, style in (("stock", dict(color="tab:red", marker="o")),
+                               ("graceful", dict(color="tab:blue", marker="s"))):
+            ax.plot(xs, [med[variant][n]["p99"] * 1000 for n in ns], label=variant, **style)
+        base = med["graceful"][ns[0]]["p99"] * 1000
+        ax.axhline(HOL_FACTOR * base, color="tab:blue", linestyle=":", linewidth=1,
+                   label=f"target: 2× graceful N={ns[0]}")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), ns)
+        ax.set_xlabel("never-closing clients arriving (N)")
+        ax.set_ylabel("p99 latency of a normal client (ms)")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(with_hol):]:
+        ax.set_visible(False)
+    fig.suptitle("Head-of-line blocking: p99 latency vs never-closing clients (log scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: dict, out_dir: Path) -> Path:
+    meta, targets = results["meta"], results["targets"]
+    plan = meta["plan"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    lines = [
+        "# Benchmarks: graceful-close vs the stock servers", "",
+        f"Measured {meta['date']}{' (QUICK smoke run: small parameters, not a measurement)' if plan['quick'] else ''}"
+        f" at commit {meta['git']}.", "",
+        f"Command: `{meta['command']}` from the repository root "
+        "(`--quick` for a smoke run; `--targets`, `--items` select parts).", "",
+        "## Machine", "",
+        f"- nproc: {meta['nproc']}; RLIMIT_NOFILE raised to {meta['rlimit_nofile']}",
+        f"- uname: `{meta['uname']}`",
+        f"- Python {meta['python']}; {versions}; {meta['wrk']}",
+        "- free -m:", "", "```", meta["free"], "```", "",
+        "Servers run one worker process on 127.0.0.1; wrk, the clients and the servers share the "
+        f"same {meta['nproc']} cores. uvicorn runs with `--loop {plan['loop']}` (UvicornWorker picks "
+        "its loop itself). Graceful variants use the default settings (linger_time 30 s, "
+        "linger_timeout 5 s) unless an item says otherwise. Each comparison alternates stock and "
+        f"graceful ({plan['reps']} wrk runs of {plan['throughput_seconds']:g} s each, "
+        f"{plan['hol_reps']} head-of-line repetitions) and reports medians.", "",
+        "## Summary", "", *_summary(targets), "",
+    ]
+    if NOTES.exists() and not plan["quick"]:
+        lines += ["## Analysis", "", NOTES.read_text().strip(), ""]
+    lines += ["## Details", "",
+              *_throughput(targets, "keepalive", "1. Keep-alive throughput (GET /, 3-byte body)"),
+              *_throughput(targets, "close", "2. Connection: close throughput"),
+              *_hol(targets), *_rss(targets), *_census(targets, plan), *_correctness(targets, plan)]
+    errors = [(e["label"], item, data["error"]) for e in targets.values()
+              for item, data in e.items() if isinstance(data, dict) and "error" in data]
+    if errors:
+        lines += ["## Errors during the run", ""] + [f"- {l}, {i}: {e}" for l, i, e in errors] + [""]
+    seconds = [f"{e['label']}: " + ", ".join(f"{k} {v:g} s" for k, v in e.get("seconds", {}).items())
+               for e in targets.values() if e.get("seconds")]
+    lines += ["Time taken per item: " + "; ".join(seconds), ""]
+    write_chart(targets, out_dir / CHART)
+    path = out_dir / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,109 @@
+"""Items 4 and 5: memory of a worker holding many lingering sockets, and the TCP
+states left on the server port after never-closing clients."""
+
+from __future__ import annotations
+
+import time
+
+from graceful_close.scenarios import Target
+
+from .crowd import NeverClosingCrowd, measure_latency
+from .observe import fd_count, rss_bytes, tcp_state_counts, worker_pid
+from .plan import Plan
+from .servers import VARIANTS, BenchTarget
+
+CENSUS_STATES = ("FIN-WAIT-2", "CLOSE-WAIT", "TIME-WAIT", "ESTAB", "FIN-WAIT-1", "LAST-ACK")
+
+
+def _wait(predicate, limit: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def _wait_stable(read, limit: float, quiet: float = 1.0) -> None:
+    """Wait until read() has not changed for `quiet` seconds (at most `limit`)."""
+    deadline = time.monotonic() + limit
+    last, since = read(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.2)
+        value = read()
+        if value != last:
+            last, since = value, time.monotonic()
+
+
+def measure_rss(target: BenchTarget, plan: Plan, log=print) -> dict:
+    """RSS and fds of one graceful worker before and while it lingers on
+    plan.rss_clients never-closing clients (deadlines long enough to hold them all)."""
+    n = plan.rss_clients
+    env = {**plan.graceful_env, "GRACEFUL_CLOSE_LINGER_TIMEOUT": "600",
+           "GRACEFUL_CLOSE_LINGER_TIME": "900", "GRACEFUL_CLOSE_MAX_LINGERING": str(max(n, 10000))}
+    with target.make("graceful", env, loop=plan.loop) as server:
+        pid = worker_pid(server.pid)
+        addr = Target("127.0.0.1", server.port)
+        measure_latency(addr, time.monotonic() + 1.0, think=0.0)  # warm up the worker
+        time.sleep(0.5)  # let the warm-up connections end
+        base_rss, base_fds = rss_bytes(pid), fd_count(pid)
+        crowd = NeverClosingCrowd(addr)
+        started = time.monotonic()
+        for _ in range(n):
+            crowd.arrive()
+        # Held: the worker has an fd for (nearly) every client and stopped gaining more.
+        held = _wait(lambda: fd_count(pid) - base_fds >= 0.99 * (n - crowd.connect_failures), 120)
+        fill_seconds = time.monotonic() - started
+        _wait_stable(lambda: fd_count(pid), 10)
+        rss, fds = rss_bytes(pid), fd_count(pid)
+        states = tcp_state_counts(server.port)
+        probe = measure_latency(addr, time.monotonic() + 1.0)
+        crowd.close_all()
+        released = _wait(lambda: fd_count(pid) <= base_fds + 2, 120)
+        result = {
+            "clients": n, "connect_failures": crowd.connect_failures, "eof_seen": crowd.eof,
+            "all_held": held, "fill_seconds": fill_seconds,
+            "base_rss": base_rss, "rss": rss, "growth": rss - base_rss,
+            "base_fds": base_fds, "fds": fds, "fds_after_release": fd_count(pid),
+            "released_to_baseline": released,
+            "server_fin_wait_2": states.get("FIN-WAIT-2", 0),
+            "probe_requests": len(probe.seconds), "probe_failed": probe.failed,
+            "probe_max": max(probe.seconds, default=float("nan")),
+        }
+    log(f"    RSS: {n} lingering: +{result['growth'] / 2**20:.1f} MB "
+        f"({base_rss / 2**20:.1f} -> {rss / 2**20:.1f} MB), fds {base_fds} -> {fds} -> "
+        f"{result['fds_after_release']}")
+    return result
+
+
+def census_once(target: BenchTarget, variant: str, plan: Plan) -> dict:
+    env = {**plan.graceful_env,
+           "GRACEFUL_CLOSE_LINGER_TIMEOUT": str(plan.census_linger_timeout)}
+    with target.make(variant, env, loop=plan.loop) as server:
+        crowd = NeverClosingCrowd(Target("127.0.0.1", server.port))
+        started = time.monotonic()
+        crowd.arrive_at_rate(plan.census_clients, 100.0)
+        expected = len(crowd.sockets)
+        served = _wait(lambda: crowd.answered >= expected, 120)
+        served_after = time.monotonic() - started
+        time.sleep(plan.census_after)
+        server_side = tcp_state_counts(server.port, "server")
+        client_side = tcp_state_counts(server.port, "client")
+        result = {
+            "clients": expected, "all_served": served,
+            "served_after": served_after,
+            "server": {s: server_side.get(s, 0) for s in CENSUS_STATES},
+            "client": {s: client_side.get(s, 0) for s in CENSUS_STATES},
+            "eof_seen": crowd.eof, "reset_seen": crowd.reset,
+        }
+        crowd.close_all()
+    return result
+
+
+def measure_census(target: BenchTarget, plan: Plan, log=print) -> dict:
+    out: dict[str, dict] = {}
+    for variant in VARIANTS:
+        result = census_once(target, variant, plan)
+        out[variant] = result
+        log(f"    census {variant}: server {result['server']} client {result['client']}")
+    return out

@@ -1,0 +1,62 @@
+"""The servers under test: each supported worker/protocol, stock and graceful.
+
+Servers are started with graceful_close.launch; this module only decides the
+command-line arguments and the GRACEFUL_CLOSE_* environment of each variant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from graceful_close.launch import (GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess,
+                                   gunicorn_server, uvicorn_server)
+
+WSGI_APP = "graceful_close.sample_apps:wsgi_app"
+ASGI_APP = "graceful_close.sample_apps:asgi_app"
+VARIANTS = ("stock", "graceful")
+GTHREAD_THREADS = "4"
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    key: str    # short name from launch.GUNICORN_WORKERS / UVICORN_PROTOCOLS
+    label: str  # how the report names it
+    server: str  # "gunicorn" or "uvicorn"
+
+    def implementation(self, variant: str) -> str:
+        table = GUNICORN_WORKERS if self.server == "gunicorn" else UVICORN_PROTOCOLS
+        stock, ours = table[self.key]
+        return stock if variant == "stock" else ours
+
+    def missing(self) -> str | None:
+        """Why our variant cannot run yet (its class is not importable), or None."""
+        ours = self.implementation("graceful")
+        module, _, name = ours.replace(":", ".").rpartition(".")
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            return f"{ours} is not importable ({exc.__class__.__name__}: {exc})"
+        return None
+
+    def make(self, variant: str, env: dict[str, str] | None = None, loop: str = "uvloop",
+             extra_args: tuple[str, ...] = ()) -> ServerProcess:
+        """A ServerProcess (not started) with one worker process."""
+        impl = self.implementation(variant)
+        env = dict(env or {}) if variant == "graceful" else {}
+        if self.server == "uvicorn":
+            return uvicorn_server(ASGI_APP, impl, loop=loop, args=extra_args, env=env)
+        args: list[str] = list(extra_args)
+        if self.key == "gthread":
+            args += ["--threads", GTHREAD_THREADS]
+        app = ASGI_APP if self.key == "uvicorn-worker" else WSGI_APP
+        return gunicorn_server(app, impl, args=args, env=env, workers=1)
+
+
+TARGETS = {
+    "sync": BenchTarget("sync", "gunicorn sync", "gunicorn"),
+    "gthread": BenchTarget("gthread", f"gunicorn gthread ({GTHREAD_THREADS} threads)", "gunicorn"),
+    "uvicorn-worker": BenchTarget("uvicorn-worker", "gunicorn UvicornWorker", "gunicorn"),
+    "h11": BenchTarget("h11", "uvicorn h11", "uvicorn"),
+    "httptools": BenchTarget("httptools", "uvicorn httptools", "uvicorn"),
+}
