@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import gunicorn.util
+from gunicorn.http import parser as gunicorn_parser
 from gunicorn.workers import gthread, sync
 
 from . import metrics
@@ -39,6 +40,8 @@ __all__ = ["SyncWorker", "ThreadWorker", "UvicornWorker", "configure", "current_
 STOP_MARGIN = 1.0
 # Attribute on a gunicorn Request: the keep-alive decision for its response.
 DECISION_ATTR = "graceful_close_keepalive"
+# gthread reads at most this much of a body the app left unread, then closes.
+DRAIN_LIMIT: int = getattr(gunicorn_parser, "_DRAIN_MAX_BYTES", 65536)
 
 _settings: Settings | None = None
 
@@ -157,6 +160,9 @@ class SyncWorker(_GracefulWorker, sync.SyncWorker):
     The sync worker serves one request per connection and always answers
     "Connection: close" (gunicorn forces it), so the keep-alive policy has nothing
     to decide here; use ThreadWorker for keep-alive.
+
+    Do not combine it with --threads > 1: gunicorn then replaces every worker class
+    whose name ends in "SyncWorker" with its stock gthread worker.
     """
 
 
@@ -217,6 +223,12 @@ def _user_agent(req: Any) -> str | None:
     return None
 
 
+def _unread_body(req: Any) -> int:
+    """Bytes of a Content-Length body the app has not read (0 when unknown)."""
+    remaining = getattr(getattr(getattr(req, "body", None), "reader", None), "length", 0)
+    return remaining if isinstance(remaining, int) else 0
+
+
 class _ConnectionHeaders:
     """WSGI wrapper that finishes the connection headers of our HTTP/1 responses.
 
@@ -238,6 +250,9 @@ class _ConnectionHeaders:
             write = start_response(status, headers, exc_info)
             if not self.worker.alive:
                 resp.force_close()  # stopping: the response in flight ends the connection
+            elif _unread_body(resp.req) > DRAIN_LIMIT:
+                # gthread would announce keep-alive, then give up draining and close.
+                resp.force_close()
             elif not resp.should_close() and not any(
                     name == "Keep-Alive" for name, _ in resp.headers):
                 value = decision.keep_alive_header(self.worker.cfg.keepalive).decode("latin-1")
