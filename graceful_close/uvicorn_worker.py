@@ -1,0 +1,48 @@
+"""gunicorn worker running uvicorn with the lingering-close protocols.
+
+    gunicorn -k graceful_close.uvicorn_worker.UvicornWorker app:app
+    gunicorn -k graceful_close.gunicorn.UvicornWorker app:app       # the same class
+
+Built on the `uvicorn-worker` package's UvicornWorker: only the protocol class
+changes (httptools when installed, else h11, like uvicorn's "auto"), plus a
+shutdown bound that stays inside gunicorn's --graceful-timeout and the
+counters' summary when the worker stops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn_worker import UvicornWorker as _StockUvicornWorker
+
+from . import metrics
+
+# gunicorn SIGKILLs a worker graceful_timeout seconds after SIGTERM; uvicorn must be
+# done (requests finished, lingering connections ended) a little before that.
+GRACEFUL_MARGIN = 1.0
+
+
+class UvicornWorker(_StockUvicornWorker):
+    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto",
+                                     "http": "graceful_close.uvicorn:AutoHTTPProtocol"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.config.timeout_graceful_shutdown is None:
+            graceful = float(self.cfg.graceful_timeout)
+            self.config.timeout_graceful_shutdown = max(graceful - GRACEFUL_MARGIN, graceful / 2)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            metrics.flush_at_worker_exit()
+
+
+class UvicornH11Worker(UvicornWorker):
+    """The h11 protocol on the asyncio loop (pure Python, like uvicorn-worker's)."""
+
+    CONFIG_KWARGS = {"loop": "asyncio", "http": "graceful_close.uvicorn:H11Protocol"}
+
+
+__all__ = ["UvicornH11Worker", "UvicornWorker"]
