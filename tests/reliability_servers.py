@@ -1,0 +1,116 @@
+"""Servers and small client helpers shared by the tests/test_reliability_*.py suite.
+
+Each reliability test runs against our gunicorn ThreadWorker and our uvicorn
+httptools protocol (both started with graceful_close.launch) and skips with the
+reason when one of those classes is not importable yet.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import struct
+import time
+from collections.abc import Iterator, Sequence
+
+import psutil
+import pytest
+
+from graceful_close.launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess
+from graceful_close.launch import gunicorn_server, uvicorn_server
+from graceful_close.wire import ConnectionEnded, Response, ResponseReader, request_bytes
+from tests.helpers import SAMPLE_ASGI, SAMPLE_WSGI
+
+KINDS = ("gthread", "httptools")
+OURS = {"gthread": GUNICORN_WORKERS["gthread"][1], "httptools": UVICORN_PROTOCOLS["httptools"][1],
+        "uvicorn-worker": GUNICORN_WORKERS["uvicorn-worker"][1]}
+STOCK = {"gthread": "gthread", "httptools": "httptools",
+         "uvicorn-worker": GUNICORN_WORKERS["uvicorn-worker"][0]}
+LINGER_TIMEOUT = 0.5
+LINGER_TIME = 3.0
+
+
+def linger_env(**overrides: object) -> dict[str, str]:
+    env = {"LINGER_TIMEOUT": LINGER_TIMEOUT, "LINGER_TIME": LINGER_TIME, **overrides}
+    return {f"GRACEFUL_CLOSE_{name.upper()}": str(value) for name, value in env.items()}
+
+
+def missing(kind: str) -> str | None:
+    """Why our class for `kind` cannot be used yet, or None."""
+    module, _, name = OURS[kind].replace(":", ".").rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        return f"{OURS[kind]} is not importable yet ({exc})"
+    return None
+
+
+def make_server(kind: str, env: dict[str, str], args: Sequence[str] = (), ours: bool = True,
+                prefix: Sequence[str] = ()) -> ServerProcess:
+    """A server (not started) with one worker; `prefix` runs it under e.g. prlimit."""
+    if ours and missing(kind):
+        pytest.skip(missing(kind))
+    impl = OURS[kind] if ours else STOCK[kind]
+    if kind == "httptools":
+        server = uvicorn_server(SAMPLE_ASGI, impl, loop="asyncio", args=args, env=env)
+    elif kind == "gthread":
+        server = gunicorn_server(SAMPLE_WSGI, impl, args=["--threads", "4", *args], env=env)
+    else:
+        server = gunicorn_server(SAMPLE_ASGI, impl, args=args, env=env)
+    server.argv = [*prefix, *server.argv]
+    return server
+
+
+def module_server(kind: str, env: dict[str, str], args: Sequence[str] = ()) -> Iterator[ServerProcess]:
+    """Body of a module-scoped fixture: one started server for the whole module."""
+    with make_server(kind, env, args) as server:
+        yield server
+
+
+def worker_pid(server: ServerProcess) -> int:
+    """gunicorn's (single) worker, or the uvicorn process."""
+    children = psutil.Process(server.pid).children()
+    return children[0].pid if children else server.pid
+
+
+def exchange(port: int, payload: bytes, *, shut_wr: bool = True, timeout: float = 10.0,
+             max_responses: int = 10) -> tuple[list[Response], str]:
+    """Send raw bytes, optionally half-close, read every response and how it ended."""
+    responses: list[Response] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(payload)
+            if shut_wr:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return responses, "RST(send)"
+        reader = ResponseReader(sock, time.monotonic() + timeout)
+        try:
+            for _ in range(max_responses):
+                responses.append(reader.read_response())
+        except ConnectionEnded as ended:
+            partial = getattr(ended, "response", None)
+            if partial is not None and partial.status:
+                responses.append(partial)
+            return responses, ended.kind
+        return responses, reader.read_end()
+
+
+def get_ok(port: int, path: str = "/", timeout: float = 10.0) -> bool:
+    """A normal request on a new connection is answered 200, complete."""
+    try:
+        responses, _ = exchange(port, request_bytes("GET", path, "x", {"Connection": "close"}),
+                                shut_wr=False, timeout=timeout, max_responses=1)
+    except OSError:
+        return False
+    return bool(responses) and responses[0].status == 200 and responses[0].complete
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), as a client that aborts does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def so_error(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
