@@ -173,8 +173,12 @@ def _response_text(response: clients.Response | None) -> str:
 def judge_pipeline(ex: clients.Exchange, count: int) -> Verdict:
     partial = ex.partial
     got = ex.complete
-    where = (f"answered all {count}" if got >= count
-             else f"ended the connection after {got} of {count} (a request cap?)")
+    if got >= count:
+        where = f"answered all {count}"
+    elif got == 1:
+        where = f"answered 1 of {count} and closed (no keep-alive)"
+    else:
+        where = f"ended the connection after {got} of {count} (a request cap)"
     outcome = f"{got}/{count} intact" + (f", 1 truncated" if partial else "")
     data = {"requests": count, "complete": got, "ending": ex.ending}
     if ex.ending == "CAP":
@@ -355,7 +359,10 @@ def render_report(report: ProbeReport, console: object | None = None) -> None:
     except ImportError:  # pragma: no cover - rich is in the diagnostics extra
         print(plain_report(report))
         return
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+            console = Console(width=130)
     table = Table(title=f"graceful-close probe {report.url}  (server: {report.server})",
                   title_justify="left", show_lines=True)
     for column in ("scenario", "verdict", "client got", "ending", "evidence"):

@@ -23,6 +23,7 @@ from .wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
 TCP_CLOSE_STATE = 7  # Linux tcp_states.h: TCP_CLOSE, where a socket lands after RST
 RESET_SETTLE = 0.1   # seconds to let a reset provoked by our last bytes come back
+KEEP_OPEN_WAIT = 1.0  # after an answer: a server that closes does so at once
 
 
 class CappedReader(ResponseReader):
@@ -200,9 +201,11 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
         exchange.extra["sent"] = sent
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
-        if exchange.ending == "OPEN":
-            exchange.ending = "OPEN"  # it answered and kept the connection: fine
-        elif exchange.ending.startswith("FIN") and exchange.note.startswith("reset"):
+        if exchange.ending == "OPEN":  # answered: does it close now, and how?
+            reader.deadline = time.monotonic() + min(timeout, KEEP_OPEN_WAIT)
+            ending = reader.read_end()
+            exchange.ending = "OPEN" if ending == "TIMEOUT" else ending
+        if exchange.ending.startswith("FIN") and exchange.note.startswith("reset"):
             exchange.ending = "RST"  # a reset while sending makes later reads return EOF
         else:
             exchange.ending = ending_after_eof(sock, exchange.ending)

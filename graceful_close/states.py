@@ -237,7 +237,10 @@ def render_census(census: Census, console: object | None = None) -> None:
     except ImportError:  # pragma: no cover - rich is in the diagnostics extra
         print(plain_census(census))
         return
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+            console = Console(width=130)
     fin = f"{census.fin_timeout} s" if census.fin_timeout is not None else "unknown"
     table = Table(title=f"TCP states: {census.scope}  (net.ipv4.tcp_fin_timeout = {fin})",
                   title_justify="left")
