@@ -18,6 +18,7 @@ GRACEFUL_CLOSE_* environment variables; the master validates them at startup.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import time
@@ -84,6 +85,19 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _log_to_gunicorn(gunicorn_log: Any) -> None:
+    """Our log lines (engine errors, the exit summary) go where gunicorn's error log goes,
+    unless the application configured the "graceful_close" logger itself."""
+    ours = logging.getLogger("graceful_close")
+    error_log = getattr(gunicorn_log, "error_log", None)
+    if ours.handlers or not isinstance(error_log, logging.Logger):
+        return
+    for handler in error_log.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(error_log.level)
+    ours.propagate = False
+
+
 class _GracefulWorker:
     """Shared by both workers: closes go to the lingerer; it is stopped within gunicorn's limits."""
 
@@ -119,6 +133,7 @@ class _GracefulWorker:
         # worker process that runs only this worker class, routes them all to the
         # lingerer without copying gunicorn's methods.
         gunicorn.util.close_graceful = _hand_off
+        _log_to_gunicorn(self.log)
         metrics.maybe_start_for_worker()
         super().init_process()  # type: ignore[misc]  # runs the worker loop; returns at exit
 

@@ -253,3 +253,25 @@ def test_quick_stop_does_not_wait_for_lingering_clients(start_server) -> None:
     assert server.wait(10) is not None
     assert time.monotonic() - start < 5
     holder.join(10)
+
+
+@pytest.mark.parametrize("ours", [False, True], ids=["stock", "ours"])
+def test_error_after_headers_counts_the_connection_once(start_server, tmp_path: Path,
+                                                        ours: bool) -> None:
+    """gthread closes twice after an error mid-response; stock's second close raises
+    (EBADF) and finish_request decrements nr_conns twice, so it drifts below zero
+    (and a graceful stop stops waiting for connections still open). Ours stays exact."""
+    conf = tmp_path / "log_nr_conns.py"
+    conf.write_text("def pre_request(worker, req):\n"
+                    "    worker.log.warning('nr_conns=%d', worker.nr_conns)\n")
+    server = start_server(gunicorn_server(SAMPLE_WSGI, worker_class("gthread", ours),
+                                          args=["-c", str(conf)]))
+    for path in ["/raise-after-headers", "/raise-after-headers", "/"]:
+        never_closing(target(server), path, hold=0)
+        time.sleep(0.2)  # let the poller run finish_request before the next accept
+    counts = [line.rsplit("nr_conns=", 1)[1] for line in server.log_text().splitlines()
+              if "nr_conns=" in line][-3:]
+    if ours:
+        assert counts == ["1", "1", "1"], counts
+    else:
+        assert counts != ["1", "1", "1"], counts
