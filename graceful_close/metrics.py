@@ -18,6 +18,7 @@ from .core.counters import PROCESS_COUNTERS, Counters
 
 METRICS_DIR_ENV = "GRACEFUL_CLOSE_METRICS_DIR"
 SNAPSHOT_INTERVAL = 1.0
+SERVER_LOGGERS = ("gunicorn.error", "uvicorn.error")
 
 log = logging.getLogger("graceful_close")
 _started_in_pid: int | None = None
@@ -69,4 +70,16 @@ def flush_at_worker_exit() -> None:
             write_snapshot(Path(directory))
         except OSError:
             pass
-    log.info(PROCESS_COUNTERS.summary())
+    _summary_logger().info(PROCESS_COUNTERS.summary())
+
+
+def _summary_logger() -> logging.Logger:
+    """Our logger when the application set up logging for it; otherwise the server's own
+    error log, so the exit summary shows up where operators already look."""
+    if log.hasHandlers() and log.isEnabledFor(logging.INFO):
+        return log
+    for name in SERVER_LOGGERS:
+        server_log = logging.getLogger(name)
+        if server_log.hasHandlers() and server_log.isEnabledFor(logging.INFO):
+            return server_log
+    return log

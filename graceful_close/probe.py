@@ -26,6 +26,8 @@ SCENARIO_TITLES = {
     "drain": "draining after the server's FIN",
 }
 PASS, FAIL, SKIP = "pass", "fail", "skip"
+OPEN_NOTE = ("the server then kept the connection open (a lingering server on TLS, which "
+             "cannot half-close, waits for the client to close first)")
 BIG_ENOUGH = 1_000_000  # below this a response fits in the socket buffers: truncation hides
 
 PROBE_LIMITS = """\
@@ -188,6 +190,9 @@ def judge_pipeline(ex: clients.Exchange, count: int) -> Verdict:
         return Verdict("pipeline", FAIL, outcome, _ending_text(ex.ending),
                        f"stopped answering after {got} of {count} pipelined requests without "
                        "closing", data=data)
+    if ex.ending == "OPEN" and not partial:
+        return Verdict("pipeline", PASS, outcome, _ending_text(ex.ending),
+                       f"{where}, every response whole; {OPEN_NOTE}", data=data)
     if partial or not _is_fin(ex.ending):
         return Verdict("pipeline", FAIL, outcome, _ending_text(ex.ending),
                        f"{where}, then reset the connection with pipelined requests unread"
@@ -204,6 +209,9 @@ def judge_close_pipeline(ex: clients.Exchange) -> Verdict:
     if ex.ending == "CAP":
         return Verdict("close-pipeline", SKIP, outcome, _ending_text(ex.ending),
                        "the response is larger than --max-bytes", data=data)
+    if response is not None and response.complete and ex.ending == "OPEN":
+        return Verdict("close-pipeline", PASS, outcome, _ending_text(ex.ending),
+                       f"whole response; {OPEN_NOTE}", data=data)
     if response is None or not response.complete or not _is_fin(ex.ending):
         cut = "the response was cut and " if response is not None and not response.complete else ""
         return Verdict("close-pipeline", FAIL, outcome, _ending_text(ex.ending),
@@ -284,9 +292,11 @@ def judge_drain(ex: clients.Exchange, window: float) -> Verdict:
     drained = float(ex.extra.get("drained_for", 0.0))  # type: ignore[arg-type]
     bursts = int(ex.extra.get("bursts_sent", 0))  # type: ignore[arg-type]
     if ex.extra.get("still_draining"):
+        tls = (" (TLS: no half-close; it kept reading after the response)"
+               if ex.extra.get("tls") else "")
         return Verdict("drain", PASS, f"drained >= {drained:.1f} s", "FIN (we closed first)",
                        f"still reading after {drained:.1f} s and {bursts} bursts "
-                       f"{ex.extra.get('pause')} s apart", data=data)
+                       f"{ex.extra.get('pause')} s apart{tls}", data=data)
     if bursts <= 1:
         why = ("reset at the first bytes after its FIN: it stops reading as soon as nothing is "
                "pending (an empty moment ends it, like lighttpd's FIONREAD bug) or never drains")

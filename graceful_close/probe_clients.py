@@ -24,6 +24,7 @@ from .wire import ConnectionEnded, Response, ResponseReader, request_bytes
 TCP_CLOSE_STATE = 7  # Linux tcp_states.h: TCP_CLOSE, where a socket lands after RST
 RESET_SETTLE = 0.1   # seconds to let a reset provoked by our last bytes come back
 KEEP_OPEN_WAIT = 1.0  # after an answer: a server that closes does so at once
+END_WAIT = 2.0        # after a Connection: close answer: time for the server's FIN
 
 
 class CappedReader(ResponseReader):
@@ -108,6 +109,17 @@ def _read(reader: CappedReader, exchange: Exchange, limit: int) -> None:
     exchange.ending = "OPEN"
 
 
+def _end_after_last(reader: CappedReader, wait: float) -> str:
+    """Every expected response is in: how does the connection end within `wait` s?
+
+    'OPEN' when it does not: e.g. on TLS a lingering server cannot half-close and
+    waits for the client to close first; the client already has every byte.
+    """
+    reader.deadline = time.monotonic() + wait
+    ending = reader.read_end()
+    return "OPEN" if ending == "TIMEOUT" else ending
+
+
 def preflight(target: Target, path: str, timeout: float, max_bytes: int) -> Exchange:
     """One plain GET with Connection: close: is anybody there, and what does it answer."""
     exchange = Exchange()
@@ -115,9 +127,7 @@ def preflight(target: Target, path: str, timeout: float, max_bytes: int) -> Exch
     with target.connect(timeout) as sock:
         sock.sendall(get(target, path, close=True))
         reader = CappedReader(sock, start + timeout, max_bytes)
-        _read(reader, exchange, 1)
-        if exchange.ending == "OPEN":
-            exchange.ending = reader.read_end() if exchange.responses else "?"
+        _read(reader, exchange, 1)  # the answer is all we need; its end does not matter here
     exchange.elapsed = time.monotonic() - start
     return exchange
 
@@ -143,8 +153,8 @@ def pipeline(target: Target, path: str, count: int, timeout: float, max_bytes: i
         time.sleep(read_delay)
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, count)
-        if exchange.ending == "OPEN":  # every response read: the server must now close
-            exchange.ending = reader.read_end()
+        if exchange.ending == "OPEN":  # every response read: the server should now close
+            exchange.ending = _end_after_last(reader, min(timeout, END_WAIT))
         exchange.ending = ending_after_eof(sock, exchange.ending)
     exchange.elapsed = time.monotonic() - start
     return exchange
@@ -171,7 +181,7 @@ def close_pipeline(target: Target, path: str, follow: int, timeout: float, max_b
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
         if exchange.ending == "OPEN":
-            exchange.ending = reader.read_end()
+            exchange.ending = _end_after_last(reader, min(timeout, END_WAIT))
         exchange.ending = ending_after_eof(sock, exchange.ending)
     exchange.elapsed = time.monotonic() - start
     return exchange
@@ -202,9 +212,7 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
         if exchange.ending == "OPEN":  # answered: does it close now, and how?
-            reader.deadline = time.monotonic() + min(timeout, KEEP_OPEN_WAIT)
-            ending = reader.read_end()
-            exchange.ending = "OPEN" if ending == "TIMEOUT" else ending
+            exchange.ending = _end_after_last(reader, min(timeout, KEEP_OPEN_WAIT))
         if exchange.ending.startswith("FIN") and exchange.note.startswith("reset"):
             exchange.ending = "RST"  # a reset while sending makes later reads return EOF
         else:
@@ -296,17 +304,19 @@ def idle_close(target: Target, path: str, idle_max: float, timeout: float, max_b
     return exchange
 
 
-def _poll_reset(sock: socket.socket) -> bool:
-    """Non-blocking: has the server reset the connection (or has it gone away)?"""
+def _poll_end(sock: socket.socket) -> str | None:
+    """Non-blocking: 'RST' (reset, or gone), 'EOF' (FIN / TLS close_notify) or None."""
     try:
         data = sock.recv(65536)
-        if data:
-            return False  # bytes after the FIN: ignore
+        if not data:
+            return "RST" if peer_reset(sock) else "EOF"
     except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
         pass
+    except ssl.SSLEOFError:
+        return "RST" if peer_reset(sock) else "EOF"
     except (ConnectionResetError, BrokenPipeError, ssl.SSLError, OSError):
-        return True
-    return bool(peer_reset(sock))
+        return "RST"
+    return "RST" if peer_reset(sock) else None
 
 
 def drain_after_fin(target: Target, path: str, window: float, pause: float, burst: int,
@@ -319,24 +329,31 @@ def drain_after_fin(target: Target, path: str, window: float, pause: float, burs
     RST (it closed while we were still sending) or still draining at the window's
     end, when we close first. Pauses are empty moments: a server that stops when
     nothing is pending (lighttpd's FIONREAD bug) resets at the next burst.
+
+    On TLS a server cannot half-close (there is no FIN before it stops reading): the
+    bursts start right after the response and its close_notify + FIN is noted as
+    'eof_after', whenever it comes.
     """
     exchange = Exchange()
     start = time.monotonic()
+    tls = target.tls is not None
     with target.connect(timeout) as sock:
         sock.sendall(get(target, path, close=True) + get(target, path))
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
-        if exchange.ending == "OPEN":
+        if exchange.ending == "OPEN" and not tls:
             exchange.ending = reader.read_end()
+        elif exchange.ending == "OPEN":
+            exchange.ending = "FIN"  # not yet: see eof_after
         if not exchange.ending.startswith("FIN"):
             exchange.elapsed = time.monotonic() - start
             return exchange  # RST at close (no lingering at all) or it never closed
-        fin_at = time.monotonic()
+        began = time.monotonic()
         sock.setblocking(False)
         payload = get(target, path) * burst
-        bursts, reset_at = 0, None
-        next_burst = fin_at
-        while reset_at is None and time.monotonic() - fin_at < window:
+        bursts, reset_at, eof_at = 0, None, None if tls else began
+        next_burst = began
+        while reset_at is None and time.monotonic() - began < window:
             now = time.monotonic()
             if now >= next_burst:
                 try:
@@ -349,11 +366,15 @@ def drain_after_fin(target: Target, path: str, window: float, pause: float, burs
                     break
                 next_burst += pause
             time.sleep(0.02)
-            if _poll_reset(sock):
+            seen = _poll_end(sock)
+            if seen == "EOF" and eof_at is None:
+                eof_at = time.monotonic()
+            elif seen == "RST":
                 reset_at = time.monotonic()
         exchange.ending = "FIN+RST" if reset_at is not None else "FIN"
         exchange.extra.update(
-            drained_for=round((reset_at or time.monotonic()) - fin_at, 3),
-            bursts_sent=bursts, still_draining=reset_at is None, window=window, pause=pause)
+            drained_for=round((reset_at or time.monotonic()) - began, 3),
+            bursts_sent=bursts, still_draining=reset_at is None, window=window, pause=pause,
+            tls=tls, eof_after=None if eof_at is None else round(eof_at - began, 3))
     exchange.elapsed = time.monotonic() - start
     return exchange

@@ -1,0 +1,152 @@
+"""`graceful-close probe` against real servers, stock and ours, through the real command.
+
+Each test runs the stock server and ours on the same scenarios: the probe must
+report the stock server's failure (truncation, RST) and pass ours.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graceful_close.launch import (GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess,
+                                   gunicorn_server, uvicorn_server)
+from tests.helpers import SAMPLE_ASGI, SAMPLE_WSGI
+
+BIG = "/big?close=1&size=2000000"
+UPLOAD = "/upload?size=1000000"
+SHORT_KEEPALIVE = "1"
+
+
+def probe(port: int, *options: str, scheme: str = "http") -> tuple[int, dict, str]:
+    """Run the installed command; (exit status, JSON report, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "graceful_close.cli", "probe",
+                           f"{scheme}://127.0.0.1:{port}/", "--big-path", BIG,
+                           "--upload-path", UPLOAD, "--json", *options],
+                          capture_output=True, text=True, timeout=90)
+    report = json.loads(done.stdout) if done.stdout.strip() else {}
+    return done.returncode, report, done.stderr
+
+
+def by_name(report: dict) -> dict[str, dict]:
+    return {s["scenario"]: s for s in report["scenarios"]}
+
+
+@pytest.fixture(scope="module", params=["stock", "ours"])
+def uvicorn_httptools(request):
+    stock, ours = UVICORN_PROTOCOLS["httptools"]
+    server = uvicorn_server(SAMPLE_ASGI, ours if request.param == "ours" else stock,
+                            args=["--timeout-keep-alive", SHORT_KEEPALIVE])
+    with server:
+        server.flavour = request.param  # type: ignore[attr-defined]
+        yield server
+
+
+def test_probe_reports_stock_uvicorn_truncation_and_passes_ours(uvicorn_httptools) -> None:
+    """Stock uvicorn cuts a 2 MB Connection: close response at ~128 KB with RST when
+    requests are pipelined behind it, resets a request arriving at its keep-alive
+    timeout, and drains nothing after its FIN: the probe fails it (exit 1). Ours: exit 0."""
+    status, report, stderr = probe(uvicorn_httptools.port, "--drain-time", "2", "--idle-max", "5")
+    scenarios = by_name(report)
+    close = scenarios["close-pipeline"]
+    assert report["server"] == "uvicorn"
+    if uvicorn_httptools.flavour == "stock":
+        assert status == 1, stderr
+        assert close["status"] == "fail"
+        assert close["data"]["received"] < close["data"]["expected"] == 2_000_000
+        assert close["ending"] == "RST"
+        assert scenarios["idle"]["status"] == "fail"
+        assert scenarios["drain"]["status"] == "fail"
+    else:
+        assert status == 0, (stderr, report)
+        assert {s["status"] for s in report["scenarios"]} == {"pass"}
+        assert close["data"]["received"] == 2_000_000 and close["ending"] == "FIN"
+        assert scenarios["drain"]["data"]["still_draining"] is True
+
+
+@pytest.mark.parametrize("ours", [False, True], ids=["stock", "ours"])
+def test_probe_gthread_upload_drain_and_request_cap(start_server, ours: bool) -> None:
+    """Stock gthread resets an early 413 under an 8 MB upload (truncated answer) and
+    drains only 2 s after its FIN (gunicorn's close_graceful); ours keeps draining and
+    ends its request cap (keepalive_requests) with FIN, every response whole."""
+    stock, graceful = GUNICORN_WORKERS["gthread"]
+    server = start_server(gunicorn_server(SAMPLE_WSGI, graceful if ours else stock,
+                                          args=["--keep-alive", SHORT_KEEPALIVE],
+                                          env={"GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "50"}))
+    status, report, stderr = probe(server.port, "--only", "upload,drain,pipeline",
+                                   "--drain-time", "4", "--pipeline", "120")
+    scenarios = by_name(report)
+    upload, drain, pipeline = scenarios["upload"], scenarios["drain"], scenarios["pipeline"]
+    if ours:
+        assert status == 0, (stderr, report)
+        assert upload["data"]["received"] == 1_000_000
+        assert drain["status"] == "pass"
+        assert pipeline["status"] == "pass" and pipeline["data"]["complete"] == 50
+    else:
+        assert status == 1
+        assert upload["status"] == "fail" and upload["data"]["received"] < 1_000_000
+        assert drain["status"] == "fail" and drain["data"]["drained_for"] < 4
+        assert pipeline["data"]["complete"] == 120  # stock gthread has no request cap
+
+
+def test_probe_table_for_people(uvicorn_httptools) -> None:
+    """Without --json: a readable table and a summary line; exit status as with --json."""
+    done = subprocess.run([sys.executable, "-m", "graceful_close.cli", "probe",
+                           f"http://127.0.0.1:{uvicorn_httptools.port}/", "--big-path", BIG,
+                           "--only", "close-pipeline"],
+                          capture_output=True, text=True, timeout=60)
+    assert "pipelined behind Connection: close" in done.stdout
+    if uvicorn_httptools.flavour == "stock":
+        assert done.returncode == 1
+        assert "FAIL" in done.stdout and "1 scenario(s) failed" in done.stdout
+    else:
+        assert done.returncode == 0
+        assert "PASS" in done.stdout and "no scenario failed" in done.stdout
+
+
+class _TLSServer(ServerProcess):
+    """launch.ServerProcess checks readiness in plain HTTP; this one speaks TLS."""
+
+    def _wait_accepting(self) -> None:
+        import socket
+        import time
+
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            try:
+                raw = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+                with context.wrap_socket(raw) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if sock.recv(12).startswith(b"HTTP/1."):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"TLS server never answered\n{self.log_text()}")
+
+
+def test_probe_over_tls_ours_passes_stock_fails_drain(tmp_path: Path) -> None:
+    """https:// with --insecure (certificates from trustme). Over TLS stock uvicorn stops
+    reading as soon as it closes; ours keeps draining (it cannot half-close on TLS)."""
+    trustme = pytest.importorskip("trustme")
+    pem = tmp_path / "server.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    stock, ours = UVICORN_PROTOCOLS["httptools"]
+    outcomes = {}
+    for name, http in (("stock", stock), ("ours", ours)):
+        plain = uvicorn_server(SAMPLE_ASGI, http, args=["--ssl-keyfile", str(pem),
+                                                         "--ssl-certfile", str(pem)])
+        with _TLSServer(plain.argv, plain.env) as server:
+            outcomes[name] = probe(server.port, "--insecure", "--only", "close-pipeline,drain",
+                                   "--drain-time", "2", scheme="https")
+    (stock_status, stock_report, _), (our_status, our_report, err) = outcomes["stock"], outcomes["ours"]
+    assert our_status == 0, (err, our_report)
+    assert by_name(our_report)["close-pipeline"]["data"]["received"] == 2_000_000
+    assert by_name(our_report)["drain"]["data"]["still_draining"] is True
+    assert stock_status == 1 and by_name(stock_report)["drain"]["status"] == "fail"
