@@ -113,6 +113,11 @@ class _GracefulWorker:
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         """Runs in the master at startup: a bad setting stops gunicorn with one line."""
+        if not hasattr(gunicorn.util, "close_graceful"):
+            # Before 27, gunicorn closed with util.close and our rebinding would route nothing.
+            print(f"graceful-close: needs gunicorn >= 27, found {gunicorn.__version__}",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
         try:
             settings = current_settings()
         except SettingsError as exc:
