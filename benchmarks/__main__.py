@@ -28,6 +28,10 @@ from .wrk import ensure_wrk
 ITEMS = ("keepalive", "close", "hol", "rss", "census", "correctness")
 PAIR_ITEMS = ("keepalive", "close", "hol", "correctness")  # share one stock+graceful pair
 NOFILE = 65536
+# Servers that can hold 10,000 idle keep-alive connections (gthread stops at
+# worker_connections, sync has no keep-alive): their RSS with as many idle clients
+# is the reference for what one open connection costs them anyway.
+IDLE_REFERENCE = ("uvicorn-worker", "h11", "httptools")
 
 
 def raise_nofile(limit: int = NOFILE) -> int:
@@ -77,6 +81,10 @@ def run_target(target: BenchTarget, plan: Plan, items: list[str], entry: dict, s
         log("  rss")
         _guarded(entry, "rss", lambda: measure_rss(target, plan, log=log))
         save()
+        if target.key in IDLE_REFERENCE:
+            _guarded(entry, "rss_idle_stock",
+                     lambda: measure_rss(target, plan, log=log, idle_stock=True))
+            save()
     if "census" in items:
         log("  census")
         _guarded(entry, "census", lambda: measure_census(target, plan, log=log))

@@ -12,14 +12,15 @@ from .throughput import alternating
 
 BIG = 2_000_000
 UPLOAD_RESPONSE = 1_000_000
+SCENARIO_TIMEOUT = 20.0  # a connection the server never ends shows as TIMEOUT
 
 
 def _scenarios(plan: Plan) -> dict:
     return {
         "pipelined_after_close": lambda t: pipelined_after_close(
-            t, close_path=f"/big?close=1&size={BIG}", timeout=60),
+            t, close_path=f"/big?close=1&size={BIG}", timeout=SCENARIO_TIMEOUT),
         "early_response_upload": lambda t: early_response_upload(
-            t, path=f"/upload?size={UPLOAD_RESPONSE}", upload_size=plan.upload_size, timeout=60),
+            t, path=f"/upload?size={UPLOAD_RESPONSE}", upload_size=plan.upload_size, timeout=SCENARIO_TIMEOUT),
     }
 
 

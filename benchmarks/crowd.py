@@ -22,9 +22,11 @@ from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
 
 
 class NeverClosingCrowd:
-    def __init__(self, target: Target, path: str = "/") -> None:
+    def __init__(self, target: Target, path: str = "/", keep_alive: bool = False) -> None:
+        """keep_alive=True: the request does not ask to close (an idle keep-alive client)."""
         self.target = target
-        self.request = request_bytes("GET", path, target.authority, {"Connection": "close"})
+        self.request = request_bytes("GET", path, target.authority,
+                                     None if keep_alive else {"Connection": "close"})
         self.sockets: list[socket.socket] = []
         self.connect_failures = 0
         self.answered = 0   # clients that received response bytes

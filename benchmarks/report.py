@@ -128,17 +128,23 @@ def _rss(targets: dict) -> list[str]:
              "| normal requests meanwhile (failed) |",
              "|---|---|---|---|---|---|---|---|"]
     for entry in targets.values():
-        r = entry.get("rss")
-        if not _ok(r):
-            if r:
-                lines.append(f"| {entry['label']} | error: {r['error']} |||||||")
-            continue
-        lines.append(f"| {entry['label']} | {r['clients']} | {r['base_rss'] / 2**20:.1f} → "
-                     f"{r['rss'] / 2**20:.1f} | {r['growth'] / 2**20:.1f} | "
-                     f"{r['growth'] / max(1, r['clients']):.0f} | {r['base_fds']} → {r['fds']} → "
-                     f"{r['fds_after_release']} | {r['server_fin_wait_2']} | "
-                     f"{r['probe_requests']} ({r['probe_failed']}) |")
-    return lines + [""]
+        for key, label in (("rss", entry["label"]),
+                           ("rss_idle_stock", f"{entry['label']}: reference, STOCK holding idle "
+                                              "keep-alive connections")):
+            lines += _rss_row(entry.get(key), label)
+    return lines + ["", "The reference rows hold the same number of idle keep-alive clients on the "
+                    "stock server (keep-alive timeout raised to 900 s): the memory any open "
+                    "connection costs that server, lingering or not.", ""]
+
+
+def _rss_row(r: dict | None, label: str) -> list[str]:
+    if not _ok(r):
+        return [f"| {label} | error: {r['error']} |||||||"] if r else []
+    return [f"| {label} | {r['clients']} | {r['base_rss'] / 2**20:.1f} → "
+            f"{r['rss'] / 2**20:.1f} | {r['growth'] / 2**20:.1f} | "
+            f"{r['growth'] / max(1, r['clients']):.0f} | {r['base_fds']} → {r['fds']} → "
+            f"{r['fds_after_release']} | {r['server_fin_wait_2']} | "
+            f"{r['probe_requests']} ({r['probe_failed']}) |"]
 
 
 def _census(targets: dict, plan: dict) -> list[str]:

@@ -35,19 +35,29 @@ def _wait_stable(read, limit: float, quiet: float = 1.0) -> None:
             last, since = value, time.monotonic()
 
 
-def measure_rss(target: BenchTarget, plan: Plan, log=print) -> dict:
+# Keep-alive timeouts long enough for a stock server to hold every idle client.
+LONG_KEEPALIVE = {"gunicorn": ("--keep-alive", "900"), "uvicorn": ("--timeout-keep-alive", "900")}
+
+
+def measure_rss(target: BenchTarget, plan: Plan, log=print, idle_stock: bool = False) -> dict:
     """RSS and fds of one graceful worker before and while it lingers on
-    plan.rss_clients never-closing clients (deadlines long enough to hold them all)."""
+    plan.rss_clients never-closing clients (deadlines long enough to hold them all).
+
+    idle_stock=True measures the reference instead: the stock server holding as many
+    idle keep-alive connections (what any open connection costs that server)."""
     n = plan.rss_clients
     env = {**plan.graceful_env, "GRACEFUL_CLOSE_LINGER_TIMEOUT": "600",
            "GRACEFUL_CLOSE_LINGER_TIME": "900", "GRACEFUL_CLOSE_MAX_LINGERING": str(max(n, 10000))}
-    with target.make("graceful", env, loop=plan.loop) as server:
+    variant, args = "graceful", ()
+    if idle_stock:
+        variant, args = "stock", LONG_KEEPALIVE[target.server]
+    with target.make(variant, env, loop=plan.loop, extra_args=args) as server:
         pid = worker_pid(server.pid)
         addr = Target("127.0.0.1", server.port)
         measure_latency(addr, time.monotonic() + 1.0, think=0.0)  # warm up the worker
         time.sleep(0.5)  # let the warm-up connections end
         base_rss, base_fds = rss_bytes(pid), fd_count(pid)
-        crowd = NeverClosingCrowd(addr)
+        crowd = NeverClosingCrowd(addr, keep_alive=idle_stock)
         started = time.monotonic()
         for _ in range(n):
             crowd.arrive()
@@ -70,7 +80,8 @@ def measure_rss(target: BenchTarget, plan: Plan, log=print) -> dict:
             "probe_requests": len(probe.seconds), "probe_failed": probe.failed,
             "probe_max": max(probe.seconds, default=float("nan")),
         }
-    log(f"    RSS: {n} lingering: +{result['growth'] / 2**20:.1f} MB "
+    what = "stock, idle keep-alive" if idle_stock else "graceful, lingering"
+    log(f"    RSS ({what}): {n}: +{result['growth'] / 2**20:.1f} MB "
         f"({base_rss / 2**20:.1f} -> {rss / 2**20:.1f} MB), fds {base_fds} -> {fds} -> "
         f"{result['fds_after_release']}")
     return result
