@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from typing import Any
 
 from uvicorn.protocols.http import h11_impl
@@ -161,6 +162,7 @@ class _LingeringCloseMixin:
         self._gc_requests = 0
         self._gc_accepted = self.loop.time()
         self._gc_close_decided = False
+        self._gc_unanswered: deque[Any] = deque()  # cycles whose response is not complete
         super().connection_made(ClosingTransport(transport, self._gc_begin_linger))  # type: ignore[misc]
 
     # ---- the lingering close -------------------------------------------------------
@@ -202,8 +204,11 @@ class _LingeringCloseMixin:
         engine = aio_lingerer(self.loop, _settings)
         engine.begin_shutdown(_shutdown_grace(self.config))
         if self._gc_linger is None:
-            # Stock: an idle connection closes (now lingering), an in-flight response gets
-            # keep_alive=False (our send wrapper adds the Connection: close header h11 omits).
+            # Every unanswered request ends the connection, in particular the one in flight:
+            # stock httptools marks only the last one parsed, and would first serve all the
+            # pipelined ones. Our send wrapper adds the Connection: close header h11 omits.
+            for cycle in self._gc_unanswered:
+                cycle.keep_alive = False
             super().shutdown()  # type: ignore[misc]
 
     def handle_websocket_upgrade(self, *args: Any) -> None:
@@ -221,6 +226,10 @@ class _LingeringCloseMixin:
     def _gc_on_request(self, cycle: Any) -> None:
         """A new request cycle was created: decide keep-alive and set the response headers."""
         self._gc_requests += 1
+        unanswered = self._gc_unanswered
+        while unanswered and unanswered[0].response_complete:
+            unanswered.popleft()
+        unanswered.append(cycle)
         user_agent = None
         wants_close = self.scope.get("http_version") == "1.0"  # both parsers close HTTP/1.0
         for name, value in self.headers:

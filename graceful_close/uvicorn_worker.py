@@ -11,6 +11,8 @@ counters' summary when the worker stops.
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import Any
 
 from uvicorn_worker import UvicornWorker as _StockUvicornWorker
@@ -32,11 +34,31 @@ class UvicornWorker(_StockUvicornWorker):
             graceful = float(self.cfg.graceful_timeout)
             self.config.timeout_graceful_shutdown = max(graceful - GRACEFUL_MARGIN, graceful / 2)
 
+    def init_signals(self) -> None:
+        super().init_signals()
+        # uvicorn re-raises SIGTERM/SIGINT once it has stopped, and with the default action
+        # the worker dies before any `finally`: flush the counters on the way out instead.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _flush_then_die)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn-worker's SIGQUIT handler (gunicorn's quick stop, and what SIGINT to the
+        arbiter sends): the stock one only clears self.alive, which uvicorn never reads, so
+        the worker ran on until gunicorn's SIGKILL. Stop uvicorn as on SIGINT."""
+        super().handle_exit(sig, frame)
+        signal.raise_signal(signal.SIGINT)
+
     def run(self) -> None:
         try:
             super().run()
         finally:
             metrics.flush_at_worker_exit()
+
+
+def _flush_then_die(sig: int, frame: FrameType | None) -> None:
+    metrics.flush_at_worker_exit()
+    signal.signal(sig, signal.SIG_DFL)
+    signal.raise_signal(sig)
 
 
 class UvicornH11Worker(UvicornWorker):

@@ -1,0 +1,87 @@
+"""Real uvicorn processes for the uvicorn tests: stock and ours, side by side.
+
+A Fleet starts each (kind, http, loop, args, env) server once and stops them all
+at the end of the module that owns it.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from pathlib import Path
+
+from graceful_close.launch import UVICORN_PROTOCOLS, ServerProcess, uvicorn_server
+from graceful_close.scenarios import Target
+from tests.helpers import SAMPLE_ASGI
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_APP = "tests.uvicorn_apps:app"
+LINGER_TIMEOUT = 1.0
+LINGER_TIME = 3.0
+KEEP_ALIVE = 1  # uvicorn --timeout-keep-alive, seconds
+SHORT = {"GRACEFUL_CLOSE_LINGER_TIMEOUT": str(LINGER_TIMEOUT),
+         "GRACEFUL_CLOSE_LINGER_TIME": str(LINGER_TIME)}
+
+
+def protocol(kind: str, http: str) -> str:
+    stock, ours = UVICORN_PROTOCOLS[http]
+    return {"stock": stock, "ours": ours}[kind]
+
+
+def make_server(kind: str, http: str, loop: str = "asyncio", args: tuple[str, ...] = (),
+                env: dict[str, str] | None = None, app: str = SAMPLE_ASGI,
+                keep_alive: int = KEEP_ALIVE) -> ServerProcess:
+    return uvicorn_server(app, protocol(kind, http), loop,
+                          args=["--app-dir", str(REPO), "--timeout-keep-alive", str(keep_alive),
+                                *args],
+                          env={**SHORT, **(env or {})})
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self._servers: dict[tuple[object, ...], ServerProcess] = {}
+
+    def get(self, kind: str, http: str, loop: str = "asyncio", args: tuple[str, ...] = (),
+            env: dict[str, str] | None = None, app: str = SAMPLE_ASGI) -> ServerProcess:
+        key = (kind, http, loop, args, tuple(sorted((env or {}).items())), app)
+        server = self._servers.get(key)
+        if server is None:
+            server = self._servers[key] = make_server(kind, http, loop, args, env, app).start()
+        return server
+
+    def target(self, *args: object, **kwargs: object) -> Target:
+        return Target("127.0.0.1", self.get(*args, **kwargs).port)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        for server in self._servers.values():
+            server.stop()
+
+
+class TLSServerProcess(ServerProcess):
+    """launch.ServerProcess probes readiness in plain HTTP; this one speaks TLS."""
+
+    client_context: ssl.SSLContext
+
+    def _wait_accepting(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            try:
+                raw = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+                with self.client_context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if sock.recv(12).startswith(b"HTTP/1."):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"TLS server never answered on port {self.port}\n{self.log_text()}")
+
+
+def tls_server(kind: str, http: str, loop: str, certdir: Path,
+               client_context: ssl.SSLContext) -> TLSServerProcess:
+    plain = make_server(kind, http, loop, args=("--ssl-keyfile", str(certdir / "key.pem"),
+                                                "--ssl-certfile", str(certdir / "cert.pem")))
+    server = TLSServerProcess(plain.argv, plain.env)
+    server.client_context = client_context
+    return server
