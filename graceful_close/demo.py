@@ -105,6 +105,7 @@ class DemoRow:
                 "worst_stall_ms": None if self.worst_stall is None
                 else round(self.worst_stall * 1000),
                 "normal_requests": self.normal_requests,
+                "cells": {key: cell(self, key)[0] for key, _ in COLUMNS} if not self.error else {},
                 "probe": self.report.as_dict() if self.report else None}
 
 

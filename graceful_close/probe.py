@@ -89,7 +89,12 @@ class ProbeConfig:
 
 def _in_range(option: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
-        raise ProbeError(f"{option}={value:g} is out of range: expected {low:g} to {high:g}")
+        raise ProbeError(f"{option}={_num(value)} is out of range: expected {_num(low)} to "
+                         f"{_num(high)}")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 @dataclass
