@@ -12,8 +12,9 @@ that engine, so uvicorn's parser never sees it. They also apply the keep-alive
 policy (request cap, connection age, User-Agent rules) and re-arm the
 keep-alive timer after an early response's unread body has been discarded.
 
-Settings come from GRACEFUL_CLOSE_* variables, read once when this module is
-imported (a bad value fails the server's startup), or from configure().
+Settings come from GRACEFUL_CLOSE_* variables, read once when uvicorn imports
+this module at startup (a bad value stops it with a one-line message), or from
+configure(**kwargs) called before the server starts.
 """
 
 from __future__ import annotations
@@ -28,22 +29,33 @@ from uvicorn.protocols.http import h11_impl
 from . import metrics
 from .aio_lingerer import Linger, aio_lingerer
 from .core.keepalive import KeepAliveDecision, KeepAlivePolicy
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 try:
     from uvicorn.protocols.http import httptools_impl
 except ImportError:  # httptools is optional in uvicorn
     httptools_impl = None  # type: ignore[assignment]
 
-_settings: Settings = Settings.from_env()
+def _settings_or_exit(**kwargs: Any) -> Settings:
+    """A bad value stops the server with its one-line message, not a traceback."""
+    try:
+        return Settings.from_env(**kwargs)
+    except SettingsError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+# Read when uvicorn imports the protocol class, i.e. at startup; forked workers inherit it.
+_settings: Settings = _settings_or_exit()
 _policy = KeepAlivePolicy(_settings)
 
 
-def configure(settings: Settings) -> None:
-    """Use these settings instead of the environment's (call before the server starts)."""
+def configure(**kwargs: Any) -> Settings:
+    """Settings for code that starts uvicorn itself (uvicorn.run, uvicorn.Config): keyword
+    arguments win over GRACEFUL_CLOSE_* variables. Call it before the server starts."""
     global _settings, _policy
-    _settings = settings
-    _policy = KeepAlivePolicy(settings)
+    _settings = _settings_or_exit(**kwargs)
+    _policy = KeepAlivePolicy(_settings)
+    return _settings
 
 
 def current_settings() -> Settings:

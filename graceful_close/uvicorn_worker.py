@@ -28,6 +28,20 @@ class UvicornWorker(_StockUvicornWorker):
     CONFIG_KWARGS: dict[str, Any] = {"loop": "auto",
                                      "http": "graceful_close.uvicorn:AutoHTTPProtocol"}
 
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Runs in gunicorn's master: a bad GRACEFUL_CLOSE_* value stops it with one line,
+        instead of every worker failing to boot."""
+        from . import uvicorn as _protocols  # reads and validates the settings
+
+        settings = _protocols.current_settings()
+        log.info("graceful-close: linger_time=%gs linger_timeout=%gs keepalive_requests=%d "
+                 "keepalive_time=%gs", settings.linger_time, settings.linger_timeout,
+                 settings.keepalive_requests, settings.keepalive_time)
+        parent = getattr(super(), "check_config", None)
+        if parent is not None:
+            parent(cfg, log)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.config.timeout_graceful_shutdown is None:

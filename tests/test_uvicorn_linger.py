@@ -10,8 +10,11 @@ Settings: linger_timeout 1 s, linger_time 3 s, --timeout-keep-alive 1 s.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,7 +23,7 @@ import requests
 
 from graceful_close.scenarios import never_closing, trickling
 from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
-from tests.helpers import count_state, fd_count, tcp_states, wait_until
+from tests.helpers import SAMPLE_ASGI, count_state, fd_count, tcp_states, wait_until
 from tests.uvicorn_servers import LINGER_TIME, LINGER_TIMEOUT, Fleet, make_server
 
 SLACK = 5.0  # loose bound on top of a deadline
@@ -33,9 +36,10 @@ def fleet():
     fleet.stop()
 
 
-@pytest.mark.parametrize("http", ["httptools", "h11"])
-def test_never_closing_client_is_released_after_the_idle_deadline(fleet, http) -> None:
-    result = never_closing(fleet.target("ours", http), hold=LINGER_TIME + SLACK)
+@pytest.mark.parametrize("http, loop", [("httptools", "asyncio"), ("h11", "asyncio"),
+                                        ("httptools", "uvloop")])
+def test_never_closing_client_is_released_after_the_idle_deadline(fleet, http, loop) -> None:
+    result = never_closing(fleet.target("ours", http, loop), hold=LINGER_TIME + SLACK)
     assert result.responses[0].complete and result.ending == "FIN", result.as_dict()
     assert result.released_after is not None, result.as_dict()
     assert result.released_after < LINGER_TIMEOUT + SLACK
@@ -150,3 +154,14 @@ def test_idle_keep_alive_connection_is_closed_through_the_lingering_close(fleet,
         time.sleep(0.2)
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         assert (error == 0) == (kind == "ours"), error
+
+
+def test_a_bad_setting_fails_startup_with_a_one_line_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "uvicorn", SAMPLE_ASGI, "--port", "0",
+         "--http", "graceful_close.uvicorn:HttpToolsProtocol"],
+        env={**os.environ, "GRACEFUL_CLOSE_LINGER_TIMEOUT": "-1"},
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == ("graceful-close: invalid linger_timeout=-1.0: expected a "
+                                   "number of seconds > 0 and <= 86400"), proc.stderr

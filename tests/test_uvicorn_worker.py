@@ -4,8 +4,11 @@ the uvicorn-worker package's UvicornWorker (stock protocols), in the same run.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -123,3 +126,14 @@ def test_sigquit_stops_our_worker(start_server, worker) -> None:
     else:
         assert elapsed < LINGER_TIME + 2, server.log_text()
         assert "SIGKILL" not in server.log_text()
+
+
+def test_a_bad_setting_stops_gunicorn_with_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-b", "127.0.0.1:0", "-k", OURS, SAMPLE_ASGI],
+        env={**os.environ, "GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "-5"},
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert ("graceful-close: invalid keepalive_requests=-5: expected an integer >= 0 (0 = no cap)"
+            in proc.stderr.splitlines()), proc.stderr
+    assert "Traceback" not in proc.stderr and "Booting worker" not in proc.stderr

@@ -1,0 +1,171 @@
+"""The asyncio drain engine on real loopback TCP, in process: how each lingering
+close ends (EOF, idle and total deadlines, byte cap, eviction, shutdown) and what
+the client sees (FIN first; RST only once everything it was sent is acked).
+
+No uvicorn here: a minimal protocol answers, then hands its transport to the engine,
+forwarding data_received / eof_received / connection_lost as graceful_close.uvicorn does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+import pytest
+
+from graceful_close.aio_lingerer import AioLingerer, Linger
+from graceful_close.core import Counters
+from graceful_close.settings import Settings
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+
+
+class Answering(asyncio.Protocol):
+    def __init__(self, engine: AioLingerer) -> None:
+        self.engine = engine
+        self.linger: Linger | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.linger is not None:
+            self.linger.data_received(len(data))
+            return
+        self.transport.write(RESPONSE)  # type: ignore[attr-defined]
+        self.linger = self.engine.start(self.transport)  # type: ignore[arg-type]
+
+    def eof_received(self) -> bool:
+        return self.linger.eof_received() if self.linger else False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.linger is not None:
+            self.linger.connection_lost(exc)
+
+
+async def _recv_all(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, str]:
+    data = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), timeout):
+            data += chunk
+    except ConnectionResetError:
+        return data, "RST"
+    except asyncio.TimeoutError:
+        return data, "TIMEOUT"
+    return data, "FIN"
+
+
+def run(settings: Settings, client: Callable[[int, AioLingerer], object]) -> Counters:
+    counters = Counters()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        engine = AioLingerer(loop, settings, counters)
+        server = await loop.create_server(lambda: Answering(engine), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await client(port, engine)  # type: ignore[misc]
+        finally:
+            server.close()
+
+    asyncio.run(main())
+    return counters
+
+
+def short(**overrides: object) -> Settings:
+    return Settings(**{"linger_timeout": 0.3, "linger_time": 1.0, **overrides})  # type: ignore[arg-type]
+
+
+async def _request(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    return reader, writer
+
+
+def test_client_close_is_the_clean_end() -> None:
+    async def client(port: int, engine: AioLingerer) -> None:
+        reader, writer = await _request(port)
+        assert await reader.read(65536) == RESPONSE
+        writer.write(b"pipelined junk" * 1000)  # arrives while lingering: discarded
+        assert await _recv_all(reader, 2) == (b"", "FIN")
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert engine.lingering == 0
+
+    counters = run(short(), client)
+    assert counters.ended_eof == 1 and counters.aborted_with_rst == 0
+    assert counters.bytes_discarded == 14000
+
+
+def test_silent_client_is_reset_after_the_idle_deadline_once_acked() -> None:
+    async def client(port: int, engine: AioLingerer) -> None:
+        reader, writer = await _request(port)
+        data = await reader.read(65536)
+        assert data == RESPONSE
+        assert await reader.read(1) == b""  # our FIN, right behind the response
+        await asyncio.sleep(0.6)
+        sock = writer.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0  # the RST came
+        writer.close()
+
+    counters = run(short(), client)
+    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 1
+
+
+def test_trickling_client_ends_at_linger_time_and_byte_cap_ends_sooner() -> None:
+    async def trickle(port: int, engine: AioLingerer) -> None:
+        reader, writer = await _request(port)
+        for _ in range(6):  # 1.2 s of a byte every 0.2 s: idle never expires
+            writer.write(b"t")
+            await asyncio.sleep(0.2)
+        assert engine.lingering == 0
+        writer.close()
+
+    counters = run(short(), trickle)
+    assert counters.ended_total_timeout == 1
+    counters = run(short(linger_max_bytes=3), trickle)
+    assert counters.ended_byte_cap == 1
+
+
+def test_oldest_is_evicted_beyond_max_lingering() -> None:
+    async def client(port: int, engine: AioLingerer) -> None:
+        writers = []
+        for _ in range(3):
+            reader, writer = await _request(port)
+            assert await reader.read(65536) == RESPONSE
+            writers.append(writer)
+        await asyncio.sleep(0.05)
+        assert engine.lingering == 2
+        for writer in writers:
+            writer.close()
+
+    counters = run(short(max_lingering=2), client)
+    assert counters.ended_evicted == 1
+
+
+def test_shutdown_ends_lingering_connections_at_its_deadline() -> None:
+    async def client(port: int, engine: AioLingerer) -> None:
+        reader, writer = await _request(port)
+        assert await reader.read(65536) == RESPONSE
+        engine.begin_shutdown(0.1)
+        writer.write(b"t")  # keeps the idle deadline away
+        await asyncio.sleep(0.25)
+        assert engine.lingering == 0
+        writer.close()
+
+    counters = run(short(linger_timeout=5.0, linger_time=10.0), client)
+    assert counters.ended_shutdown == 1
+
+
+@pytest.mark.parametrize("abort", [True, False])
+def test_abort_on_timeout_can_be_turned_off(abort) -> None:
+    async def client(port: int, engine: AioLingerer) -> None:
+        reader, writer = await _request(port)
+        assert await reader.read(65536) == RESPONSE
+        await asyncio.sleep(0.6)
+        writer.close()
+
+    counters = run(short(abort_on_timeout=abort), client)
+    assert counters.ended_idle_timeout == 1
+    assert counters.aborted_with_rst == int(abort)
