@@ -121,6 +121,19 @@ def build_parser() -> OneLineParser:
                         help="print JSON (one object per line with --watch)")
     states.set_defaults(run=run_states_command)
 
+    metrics = commands.add_parser(
+        "metrics", help="serve Prometheus metrics summed over worker snapshot files",
+        description="Serve /metrics for the per-worker snapshots that our workers write to "
+                    "$GRACEFUL_CLOSE_METRICS_DIR (e.g. beside uvicorn --workers N). Runs until "
+                    "Ctrl-C.")
+    metrics.add_argument("--dir", required=True, metavar="DIR",
+                         help="the servers' GRACEFUL_CLOSE_METRICS_DIR")
+    metrics.add_argument("--port", type=int, default=9464, metavar="N",
+                         help="port to serve on (default 9464; 0: any free port)")
+    metrics.add_argument("--addr", default="127.0.0.1", metavar="ADDR",
+                         help="address to serve on (default 127.0.0.1)")
+    metrics.set_defaults(run=run_metrics_command)
+
     demo = commands.add_parser(
         "demo", help="stock vs graceful servers side by side, on loopback",
         description="Start stock and graceful gunicorn workers and uvicorn protocols on "
@@ -173,6 +186,23 @@ def run_states_command(args: argparse.Namespace) -> int:
         if not args.watch or (args.samples is not None and taken >= args.samples):
             return 0
         time.sleep(args.watch)
+
+
+def run_metrics_command(args: argparse.Namespace) -> int:
+    from .prometheus import register, serve
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"graceful-close metrics: --port {args.port} is out of range 0..65535")
+    register(args.dir)
+    try:
+        httpd = serve(args.port, args.addr)
+    except OSError as exc:
+        raise UsageError(f"graceful-close metrics: cannot listen on {args.addr}:{args.port}: "
+                         f"{exc.strerror or exc}") from None
+    print(f"graceful-close metrics on http://{args.addr}:{httpd.server_port}/metrics "
+          f"(snapshots in {args.dir})", flush=True)
+    while True:
+        time.sleep(3600)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

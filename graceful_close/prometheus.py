@@ -16,6 +16,9 @@ Two ways to count:
   $GRACEFUL_CLOSE_METRICS_ADDR:$GRACEFUL_CLOSE_METRICS_PORT (127.0.0.1:9464).
   child_exit folds a dead worker's last snapshot into retired.json at once, so
   counters never go down when workers are replaced (max_requests, crashes, HUP).
+
+* many processes without such hooks (uvicorn --workers N): set the variable for
+  the server and run `graceful-close metrics --dir DIR --port 9464` beside it.
 """
 
 from __future__ import annotations
@@ -156,6 +159,8 @@ class GracefulCloseCollector:
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)  # workers may not have started yet
 
     def _values(self) -> tuple[dict[str, int], int, int]:
         if self.directory is None:

@@ -131,3 +131,34 @@ def test_single_process_uvicorn_collector(start_server, tmp_path: Path, ours: bo
     # discards what follows a close: here the requests pipelined behind the 2 MB response.
     assert after["graceful_close_bytes_discarded_total"] > before["graceful_close_bytes_discarded_total"]
     assert after["graceful_close_workers_reporting"] == 1
+
+
+def test_metrics_command_beside_multiprocess_uvicorn(start_server, tmp_path: Path) -> None:
+    """uvicorn --workers 2 has no master hook: `graceful-close metrics --dir` sums the
+    worker snapshots from beside it."""
+    import subprocess
+    import sys
+
+    directory = tmp_path / "metrics"
+    server = start_server(uvicorn_server("graceful_close.sample_apps:asgi_app",
+                                         UVICORN_PROTOCOLS["httptools"][1],
+                                         args=["--workers", "2", "--timeout-keep-alive", "1"],
+                                         env={**SHORT_LINGER,
+                                              "GRACEFUL_CLOSE_METRICS_DIR": str(directory)}))
+    sidecar = subprocess.Popen([sys.executable, "-m", "graceful_close.cli", "metrics", "--dir",
+                                str(directory), "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = METRICS_LINE.search(sidecar.stdout.readline()).group(1)
+        assert scrape(url)["graceful_close_lingering_started_total"] == 0
+        target = Target("127.0.0.1", server.port)
+        for _ in range(4):
+            assert pipelined_after_close(target, close_path="/big?close=1&size=300000").intact
+        # Snapshots are written once a second.
+        assert wait_until(
+            lambda: scrape(url)["graceful_close_lingering_ended_total{reason=eof}"] >= 4, timeout=5)
+        after = scrape(url)
+        assert after["graceful_close_lingering_started_total"] >= 4
+        assert after["graceful_close_workers_reporting"] >= 1
+    finally:
+        sidecar.terminate()
+        sidecar.wait(5)
