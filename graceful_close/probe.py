@@ -31,12 +31,18 @@ OPEN_NOTE = ("the server then kept the connection open (a lingering server on TL
 BIG_ENOUGH = 1_000_000  # below this a response fits in the socket buffers: truncation hides
 
 PROBE_LIMITS = """\
-Limits (safe to point at production): at most 1 + --pipeline (<= 1000) + 6 + 6 GET requests
-plus the drain bursts (16 GETs every 0.5 s for --drain-time <= 60 s, sent after the server
-closed, so never executed by a correct server); one POST of --upload-size (<= 64 MiB) of
-throw-away bytes to --upload-path (point it at an endpoint that rejects it, or --skip upload);
-at most --max-bytes of response body read per scenario; at most 4 connections open at once;
-each scenario ends within its --timeout (+ 2 x --idle-max for idle, + --drain-time for drain)."""
+Limits (safe to point at a production server):
+  requests  GETs only, except one POST: 1 preflight + --pipeline (<= 1000, fewer when
+            N x response size would pass --max-bytes) + 6 (close-pipeline) + 6 (idle) + 2 (drain);
+            the drain bursts (16 GETs every 0.5 s for --drain-time <= 60 s) follow a request
+            with Connection: close, so a correct server never runs them
+  upload    one POST of --upload-size (<= 64 MiB) throw-away bytes to --upload-path (default:
+            the URL's path): point it at an endpoint that rejects it, or --skip upload
+  bytes     at most --max-bytes of response body read per scenario
+  parallel  at most 3 connections open at once (idle), otherwise 1
+  time      each scenario ends within --timeout, plus 2 x --idle-max (idle) or --drain-time
+            (drain); scenarios run one after another
+"""
 
 
 class ProbeError(Exception):
@@ -235,7 +241,8 @@ def judge_upload(ex: clients.Exchange, size: int) -> Verdict:
     response = ex.responses[0] if ex.responses else None
     data = {"ending": ex.ending, "sent": ex.extra.get("sent"), "upload_size": size,
             "status": response.status if response else None,
-            "received": response.received_length if response else 0}
+            "received": response.received_length if response else 0,
+            "expected": response.expected_length if response else None}
     outcome = _response_text(response)
     sent_note = f"sent {ex.extra.get('sent')} of {size} B"
     if response is not None and response.complete and (ex.ending == "OPEN" or _is_fin(ex.ending)):

@@ -87,6 +87,6 @@ def test_console_script_error_and_help() -> None:
     assert done.stderr.strip().count("\n") == 0 and "cannot reach" in done.stderr
     help_text = subprocess.run([str(SCRIPT), "probe", "--help"], capture_output=True, text=True,
                                timeout=30, env=env).stdout
-    assert "safe to point at production" in help_text and "--upload-size" in help_text
+    assert "safe to point at a production server" in help_text and "--upload-size" in help_text
     version = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=30)
     assert version.stdout.startswith("graceful-close ")
