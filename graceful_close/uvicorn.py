@@ -74,71 +74,41 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_metrics_start)
 
 
+def _drop(*_args: Any) -> None:
+    """write() once closing: nothing may follow the response we linger behind."""
+
+
 class ClosingTransport(asyncio.Transport):
     """What the uvicorn protocol sees as its transport: close() lingers instead.
 
-    Everything else goes to the real transport unchanged.
+    Everything else is the real transport's own bound method, stored per instance,
+    so the hot path (write, flow control) costs no extra call.
     """
 
-    __slots__ = ("_real", "_on_close", "_closing")
+    __slots__ = ("_real", "_on_close", "_closing", "write", "writelines", "write_eof",
+                 "can_write_eof", "get_extra_info", "pause_reading", "resume_reading",
+                 "is_reading", "set_write_buffer_limits", "get_write_buffer_size",
+                 "get_write_buffer_limits", "set_protocol", "get_protocol")
 
     def __init__(self, real: asyncio.Transport, on_close: Any) -> None:
         self._real = real
         self._on_close = on_close
         self._closing = False
+        for name in ClosingTransport.__slots__[3:]:
+            setattr(self, name, getattr(real, name))
 
     def close(self) -> None:
         if not self._closing:
             self._closing = True
+            self.write = self.writelines = _drop
             self._on_close()
 
     def is_closing(self) -> bool:
         return self._closing or self._real.is_closing()
 
-    def write(self, data: Any) -> None:
-        if not self._closing:  # nothing may follow the response we are lingering behind
-            self._real.write(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        if not self._closing:
-            self._real.writelines(list_of_data)
-
-    def write_eof(self) -> None:
-        self._real.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self._real.can_write_eof()
-
     def abort(self) -> None:
         self._closing = True
         self._real.abort()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._real.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self._real.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._real.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self._real.is_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._real.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self._real.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._real.get_write_buffer_limits()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._real.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._real.get_protocol()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -193,8 +163,9 @@ class _LingeringCloseMixin:
             linger.data_received(len(data))
             return
         super().data_received(data)  # type: ignore[misc]
-        if (self.timeout_keep_alive_task is None and self._gc_between_requests()
-                and not self.transport.is_closing()):
+        cycle = self.cycle
+        if (cycle is not None and cycle.response_complete and self.timeout_keep_alive_task is None
+                and self._gc_between_requests() and not self.transport.is_closing()):
             # uvicorn cancels the keep-alive timer on every read and re-arms it only when a
             # response completes; after an early response whose unread body arrives later,
             # nothing would ever re-arm it and the connection would stay open forever.
@@ -218,9 +189,9 @@ class _LingeringCloseMixin:
         if self._gc_linger is None:
             # Every unanswered request ends the connection, in particular the one in flight:
             # stock httptools marks only the last one parsed, and would first serve all the
-            # pipelined ones. Our send wrapper adds the Connection: close header h11 omits.
+            # pipelined ones; stock h11 closes without a Connection: close header.
             for cycle in self._gc_unanswered:
-                cycle.keep_alive = False
+                _close_after_response(cycle)
             super().shutdown()  # type: ignore[misc]
 
     def handle_websocket_upgrade(self, *args: Any) -> None:
@@ -231,6 +202,7 @@ class _LingeringCloseMixin:
         super().handle_websocket_upgrade(*args)  # type: ignore[misc]
 
     def _gc_between_requests(self) -> bool:
+        """After a complete response: is the connection idle (nothing queued, not upgraded)?"""
         raise NotImplementedError
 
     # ---- keep-alive policy ---------------------------------------------------------
@@ -249,57 +221,68 @@ class _LingeringCloseMixin:
                 user_agent = value
             elif name == b"connection" and _has_token(value, b"close"):
                 wants_close = True
-        decision: KeepAliveDecision | None = None
-        if self._gc_close_decided or wants_close:
+        if wants_close:  # uvicorn answers Connection: close itself
             self._gc_close_decided = True
-            if not wants_close:
-                cycle.keep_alive = False
+            return
+        if self._gc_close_decided:  # pipelined behind the last response: never answered
+            cycle.keep_alive = False
+            return
+        decision = _policy.decide(self._gc_requests, self._gc_accepted, self.loop.time(),
+                                  user_agent, self.scope["method"])
+        if decision.keep_alive:
+            extra = (b"keep-alive", _keep_alive_value(decision, self.timeout_keep_alive))
         else:
-            decision = _policy.decide(self._gc_requests, self._gc_accepted, self.loop.time(),
-                                      user_agent, self.scope["method"])
-            if not decision.keep_alive:
-                cycle.keep_alive = False
-                self._gc_close_decided = True
-        _add_connection_headers(cycle, decision, self.timeout_keep_alive)
+            self._gc_close_decided = True
+            cycle.keep_alive = False
+            extra = _CLOSE  # httptools would add it for keep_alive=False; h11 would not
+        _add_default_header(cycle, extra)
 
 
-def _add_connection_headers(cycle: Any, decision: KeepAliveDecision | None,
-                            idle_timeout: float) -> None:
-    """Wrap the cycle's send: the response start gets Connection: close when the
-    connection ends after it, or an accurate Keep-Alive header when it stays open.
+_CLOSE = (b"connection", b"close")
+_keep_alive_values: dict[tuple[float, int | None], bytes] = {}
 
-    The instance attribute shadows the method; run_asgi looks up self.send only when
-    the task first runs, after this.
+
+def _keep_alive_value(decision: KeepAliveDecision, idle_timeout: float) -> bytes:
+    key = (idle_timeout, decision.remaining_requests)
+    value = _keep_alive_values.get(key)
+    if value is None:
+        if len(_keep_alive_values) > 100_000:
+            _keep_alive_values.clear()
+        value = _keep_alive_values[key] = decision.keep_alive_header(idle_timeout)
+    return value
+
+
+def _add_default_header(cycle: Any, extra: tuple[bytes, bytes]) -> None:
+    """Add a header through the cycle's default headers (which uvicorn writes before the
+    app's), and drop it again if the app answers Connection: close itself: then a
+    Keep-Alive header would be wrong and a second Connection header redundant.
+
+    The replacement send is a plain function returning uvicorn's coroutine, so it adds
+    no coroutine per message; run_asgi looks up self.send when its task first runs.
     """
+    plain = cycle.default_headers
+    cycle.default_headers = [*plain, extra]
     send = cycle.send
 
-    async def send_with_connection_headers(message: Any) -> None:
-        if message["type"] == "http.response.start" and not cycle.response_started:
-            message = _with_connection_headers(message, cycle.keep_alive, decision, idle_timeout)
-        await send(message)
+    def send_unless_app_closes(message: Any) -> Any:
+        if message["type"] == "http.response.start":
+            for name, value in message.get("headers", ()):
+                # len() first: both names we look for are 10 bytes long
+                if len(name) == 10 and bytes(name).lower() == b"connection" and _has_token(
+                        bytes(value), b"close"):
+                    cycle.default_headers = plain
+                    break
+        return send(message)
 
-    cycle.send = send_with_connection_headers
+    cycle.send = send_unless_app_closes
 
 
-def _with_connection_headers(message: Any, keep_alive: bool, decision: KeepAliveDecision | None,
-                             idle_timeout: float) -> Any:
-    headers = list(message.get("headers", ()))
-    app_closes = has_keep_alive = False
-    for name, value in headers:
-        lower = bytes(name).lower()
-        if lower == b"connection" and _has_token(bytes(value), b"close"):
-            app_closes = True
-        elif lower == b"keep-alive":
-            has_keep_alive = True
-    if app_closes:
-        return message
-    if not keep_alive:
-        headers.append((b"connection", b"close"))  # h11 does not add it on its own
-    elif decision is not None and not has_keep_alive:
-        headers.append((b"keep-alive", decision.keep_alive_header(idle_timeout)))
-    else:
-        return message
-    return {**message, "headers": headers}
+def _close_after_response(cycle: Any) -> None:
+    """The server is stopping: this response ends the connection and says so."""
+    cycle.keep_alive = False
+    if not cycle.response_started:
+        headers = [h for h in cycle.default_headers if h[0] != b"keep-alive"]
+        cycle.default_headers = headers if _CLOSE in headers else [*headers, _CLOSE]
 
 
 def _shutdown_grace(config: Any) -> float:
@@ -323,7 +306,7 @@ class H11Protocol(_LingeringCloseMixin, h11_impl.H11Protocol):
             self._gc_on_request(self.cycle)
 
     def _gc_between_requests(self) -> bool:
-        return self.cycle is not None and self.cycle.response_complete and not self._gc_upgraded
+        return not self._gc_upgraded
 
 
 if httptools_impl is not None:
@@ -337,8 +320,7 @@ if httptools_impl is not None:
                 self._gc_on_request(self.cycle)
 
         def _gc_between_requests(self) -> bool:
-            return (self.cycle is not None and self.cycle.response_complete and not self.pipeline
-                    and not self._gc_upgraded)
+            return not self.pipeline and not self._gc_upgraded
 
     AutoHTTPProtocol: type[asyncio.Protocol] = HttpToolsProtocol
 else:  # pragma: no cover - without httptools

@@ -134,3 +134,18 @@ def test_websocket_upgrade_after_a_keep_alive_request(fleet, kind, http) -> None
         assert _read_ws_frame(sock, buffer) == (0x1, b"echo:hi")
         opcode, payload = _read_ws_frame(sock, buffer)
         assert opcode == 0x8 and payload[:2] == struct.pack("!H", 1000)
+
+
+@pytest.mark.parametrize("http", HTTPS)
+def test_app_connection_close_gets_no_keep_alive_header(fleet, http) -> None:
+    """The app closes the connection itself: ours must not claim it stays open."""
+    with connect(fleet, "ours", http) as sock:
+        sock.sendall(request_bytes("GET", "/big?close=1&size=10", "x"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk
+            head += chunk
+    lines = head.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    assert lines.count(b"connection: close") == 1, lines
+    assert not any(line.startswith(b"keep-alive:") for line in lines), lines
