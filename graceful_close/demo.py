@@ -8,6 +8,7 @@ Stock rows are expected to fail: that is the point of the demonstration.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -243,7 +244,7 @@ def render_demo(result: DemoResult, console: object | None = None) -> None:
 
     if console is None:
         console = Console()
-        if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: not 80 columns
             console = Console(width=150)
     table = Table(title="graceful-close demo: stock vs graceful on 127.0.0.1 (sample app)",
                   title_justify="left", show_lines=False)

@@ -8,6 +8,7 @@ time (see PROBE_LIMITS), and only the upload scenario sends anything but GET.
 
 from __future__ import annotations
 
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -20,10 +21,10 @@ from .scenarios import Target
 SCENARIOS = ("pipeline", "close-pipeline", "idle", "upload", "drain")
 SCENARIO_TITLES = {
     "pipeline": "pipelined requests",
-    "close-pipeline": "pipelined behind Connection: close",
-    "idle": "request at the keep-alive timeout",
-    "upload": "early answer to an upload",
-    "drain": "draining after the server's FIN",
+    "close-pipeline": "Connection: close + pipelined",
+    "idle": "request at idle timeout",
+    "upload": "early answer to upload",
+    "drain": "drain after FIN",
 }
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 OPEN_NOTE = ("the server then kept the connection open (a lingering server on TLS, which "
@@ -180,7 +181,7 @@ def _response_text(response: clients.Response | None) -> str:
         return f"intact ({response.status}, {response.received_length} B)"
     expected = response.expected_length
     total = f" of {expected}" if expected is not None else ""
-    return f"truncated ({response.status}, {response.received_length}{total} B)"
+    return f"cut ({response.status}): {response.received_length}{total} B"
 
 
 def judge_pipeline(ex: clients.Exchange, count: int) -> Verdict:
@@ -206,9 +207,9 @@ def judge_pipeline(ex: clients.Exchange, count: int) -> Verdict:
                        f"{where}, every response whole; {OPEN_NOTE}", data=data)
     if partial or not _is_fin(ex.ending):
         return Verdict("pipeline", FAIL, outcome, _ending_text(ex.ending),
-                       f"{where}, then reset the connection with pipelined requests unread"
+                       f"{where}, then RST with pipelined requests unread"
                        + (": the last response was cut" if partial else ""), data=data)
-    return Verdict("pipeline", PASS, outcome, "FIN", f"{where}, every response whole, clean FIN",
+    return Verdict("pipeline", PASS, outcome, "FIN", f"{where}, all whole, clean FIN",
                    data=data)
 
 
@@ -226,14 +227,14 @@ def judge_close_pipeline(ex: clients.Exchange) -> Verdict:
     if response is None or not response.complete or not _is_fin(ex.ending):
         cut = "the response was cut and " if response is not None and not response.complete else ""
         return Verdict("close-pipeline", FAIL, outcome, _ending_text(ex.ending),
-                       f"{cut}the server closed with our pipelined requests unread: RST "
-                       "(a plain close(), not a lingering close)", data=data)
+                       f"{cut}RST: closed with our pipelined requests unread (a plain close(), "
+                       "no lingering)", data=data)
     note = ""
     if response.received_length < BIG_ENOUGH:
         note = (f"; only {response.received_length} B: truncation shows with >= 1 MB "
                 "(--big-path)")
     return Verdict("close-pipeline", PASS, outcome, "FIN",
-                   f"whole response, then FIN with the pipelined requests drained{note}",
+                   f"whole response, then FIN; pipelined requests drained{note}",
                    data=data)
 
 
@@ -245,10 +246,10 @@ def judge_upload(ex: clients.Exchange, size: int) -> Verdict:
             "expected": response.expected_length if response else None}
     outcome = _response_text(response)
     sent_note = f"sent {ex.extra.get('sent')} of {size} B"
+    how = {"OPEN": "kept open", "FIN": "then FIN"}.get(ex.ending, _ending_text(ex.ending))
     if response is not None and response.complete and (ex.ending == "OPEN" or _is_fin(ex.ending)):
-        how = "kept the connection" if ex.ending == "OPEN" else "closed with FIN"
         return Verdict("upload", PASS, outcome, _ending_text(ex.ending),
-                       f"answer arrived whole ({sent_note}); the server {how}", data=data)
+                       f"answer whole ({sent_note}), connection {how}", data=data)
     if ex.ending == "CAP":
         return Verdict("upload", SKIP, outcome, _ending_text(ex.ending),
                        "the answer is larger than --max-bytes", data=data)
@@ -256,8 +257,8 @@ def judge_upload(ex: clients.Exchange, size: int) -> Verdict:
         return Verdict("upload", FAIL, outcome, _ending_text(ex.ending),
                        f"no answer within --timeout ({sent_note})", data=data)
     return Verdict("upload", FAIL, outcome, _ending_text(ex.ending),
-                   f"the server closed with the upload unread and reset the connection under "
-                   f"its own answer ({sent_note}" + (f"; {ex.note}" if ex.note else "") + ")",
+                   f"closed with the upload unread: RST under its own answer ({sent_note}"
+                   + (f"; {ex.note}" if ex.note else "") + ")",
                    data=data)
 
 
@@ -281,13 +282,12 @@ def judge_idle(ex: clients.Exchange, idle_max: float) -> Verdict:
     outcome = ", ".join(sorted(set(attempts.values()))) or "-"
     if any("RST" in result for result in attempts.values()):
         return Verdict("idle", FAIL, idle_text, "RST",
-                       f"a request sent as the server closed got RST ({shown}): the server "
-                       "closed without lingering", data=data)
+                       f"RST for a request sent as it closed, no lingering ({shown})", data=data)
     if any(result.startswith("setup failed") for result in attempts.values()):
         return Verdict("idle", SKIP, idle_text, outcome, f"could not complete ({shown})",
                        data=data)
     return Verdict("idle", PASS, idle_text, "FIN",
-                   f"requests at the timeout were answered or met a clean EOF ({shown})",
+                   f"answered, or a clean EOF ({shown})",
                    data=data)
 
 
@@ -307,15 +307,14 @@ def judge_drain(ex: clients.Exchange, window: float) -> Verdict:
         tls = (" (TLS: no half-close; it kept reading after the response)"
                if ex.extra.get("tls") else "")
         return Verdict("drain", PASS, f"drained >= {drained:.1f} s", "FIN (we closed first)",
-                       f"still reading after {drained:.1f} s and {bursts} bursts "
+                       f"still reading after {drained:.1f} s, {bursts} bursts "
                        f"{ex.extra.get('pause')} s apart{tls}", data=data)
     if bursts <= 1:
-        why = ("reset at the first bytes after its FIN: it stops reading as soon as nothing is "
-               "pending (an empty moment ends it, like lighttpd's FIONREAD bug) or never drains")
+        why = ("RST at the first bytes after its FIN: stops reading once nothing is pending "
+               "(no lingering, or lighttpd's FIONREAD bug)")
     else:
-        why = (f"stopped draining {drained:.1f} s after its FIN while the client was still "
-               f"sending ({bursts} bursts), then RST; the probe expects >= {window:g} s "
-               "(--drain-time)")
+        why = (f"stopped reading {drained:.1f} s after its FIN while the client still sent "
+               f"({bursts} bursts), then RST; expected >= {window:g} s (--drain-time)")
     return Verdict("drain", FAIL, f"drained {drained:.1f} s", "FIN, then RST", why, data=data)
 
 
@@ -383,12 +382,15 @@ def render_report(report: ProbeReport, console: object | None = None) -> None:
         return
     if console is None:
         console = Console()
-        if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: not 80 columns
             console = Console(width=130)
     table = Table(title=f"graceful-close probe {report.url}  (server: {report.server})",
                   title_justify="left", show_lines=True)
-    for column in ("scenario", "verdict", "client got", "ending", "evidence"):
-        table.add_column(column, overflow="fold")
+    table.add_column("scenario", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("client got", max_width=24)
+    table.add_column("ending", no_wrap=True)
+    table.add_column("evidence", overflow="fold")
     for v in report.verdicts:
         table.add_row(v.title, f"[{STATUS_STYLE[v.status]}]{v.status.upper()}[/]", v.outcome,
                       v.ending, v.evidence)

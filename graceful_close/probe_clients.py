@@ -298,7 +298,7 @@ def idle_close(target: Target, path: str, idle_max: float, timeout: float, max_b
         for thread in threads:
             thread.join(idle + timeout + 1)
         for offset, result in zip(offsets, results):
-            attempts[f"at {offset * 1000:+.0f} ms"] = result or "no result"
+            attempts[f"{offset * 1000:+.0f} ms"] = result or "no result"
     exchange.extra["attempts"] = attempts
     exchange.elapsed = time.monotonic() - start
     return exchange

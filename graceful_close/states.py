@@ -9,6 +9,7 @@ in question and reported as "no owner".
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -239,7 +240,7 @@ def render_census(census: Census, console: object | None = None) -> None:
         return
     if console is None:
         console = Console()
-        if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: not 80 columns
             console = Console(width=130)
     fin = f"{census.fin_timeout} s" if census.fin_timeout is not None else "unknown"
     table = Table(title=f"TCP states: {census.scope}  (net.ipv4.tcp_fin_timeout = {fin})",
