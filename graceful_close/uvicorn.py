@@ -36,6 +36,7 @@ try:
 except ImportError:  # httptools is optional in uvicorn
     httptools_impl = None  # type: ignore[assignment]
 
+
 def _settings_or_exit(**kwargs: Any) -> Settings:
     """A bad value stops the server with its one-line message, not a traceback."""
     try:
