@@ -1,10 +1,11 @@
 """`graceful-close states`: a census of TCP socket states for a port or a process tree.
 
-Sockets a process holds come from psutil. Sockets nobody holds any more come only
-from /proc/net/tcp and tcp6 (inode 0): orphans the application closed that wait
-for the peer (FIN_WAIT_2 until net.ipv4.tcp_fin_timeout) and TIME_WAIT. psutil's
-per-process view cannot see them, so they are counted from /proc on the port(s)
-in question and reported as "no owner".
+Sockets a process holds come from psutil. Sockets nobody holds come only from
+/proc/net/tcp and tcp6 (inode 0): orphans the application closed that wait for
+the peer (FIN_WAIT_2 until net.ipv4.tcp_fin_timeout), TIME_WAIT, and connections
+still in the listen queue (ESTABLISHED, not yet accepted). psutil's per-process
+view cannot see them, so they are counted from /proc on the port(s) in question
+and reported as "no owner".
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def state_meaning(state: str, fin_timeout: int | None) -> str:
     fin = f"{fin_timeout} s" if fin_timeout is not None else "its value"
     return {
         "LISTEN": "accepting new connections",
-        "ESTABLISHED": "open connection",
+        "ESTABLISHED": ("open connection; those with no owner are still queued for accept(): "
+                        "the server is busy or stalled"),
         "CLOSE_WAIT": ("the client has closed, but the application still has not called close(): "
                        "no kernel timer ends this, so a growing count is a socket leak in the app"),
         "FIN_WAIT2": ("this side sent its FIN and it was acked; waiting for the client's FIN. "
@@ -266,8 +268,9 @@ def _footer(census: Census) -> list[str]:
         holders = ", ".join(f"pid {pid}: {n}" for pid, n in census.close_wait_by_pid.most_common())
         lines.append(f"CLOSE_WAIT held by {holders}")
     if census.orphans_known:
-        lines.append("'no owner': sockets the application already closed (orphans) and TIME_WAIT, "
-                     "counted from /proc/net/tcp{,6}; psutil only lists sockets a process holds.")
+        lines.append("'no owner': sockets no process holds, from /proc/net/tcp{,6}: orphans the "
+                     "application closed (FIN_WAIT*, LAST_ACK, CLOSING), TIME_WAIT, and connections "
+                     "not yet accepted (ESTABLISHED); psutil only lists sockets a process holds.")
     else:
         lines.append("no /proc/net/tcp here: sockets without an owner are not counted.")
     return lines
