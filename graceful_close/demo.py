@@ -37,12 +37,12 @@ STOP_WAIT = 5.0
 PARALLEL_SERVERS = 3             # servers probed at once (they mostly wait on timers)
 
 COLUMNS = (  # (scenario key, column title)
-    ("close-pipeline", "2 MB response,\nConnection: close,\n5 pipelined behind"),
-    ("upload", "early 413 (1 MB)\nto an 8 MB upload"),
-    ("pipeline", "200 pipelined\n(ours: cap 100)"),
-    ("idle", "request at the\nidle timeout (1 s)"),
-    ("drain", f"drain after FIN\n(bursts, {DRAIN_WINDOW:g} s)"),
-    ("stall", f"worst stall,\n{NEVER_CLOSING} never-closing\nclients arriving"),
+    ("close-pipeline", "2 MB response\n(close) + 5\npipelined"),
+    ("upload", "early 413\n(1 MB) to an\n8 MB upload"),
+    ("pipeline", "200 pipelined\n(ours: cap\n100)"),
+    ("idle", "request at\nidle timeout\n(1 s)"),
+    ("drain", f"drain after\nFIN (bursts\nfor {DRAIN_WINDOW:g} s)"),
+    ("stall", f"worst stall\n({NEVER_CLOSING} never-\nclosing)"),
 )
 
 
@@ -206,11 +206,11 @@ def run_demo(only: str | None = None, progress: Callable[[str], None] | None = N
 
 def _bytes_cell(v: Verdict) -> str:
     received = v.data.get("received")
-    ending = {"FIN+RST": "FIN+RST", "OPEN": "kept open"}.get(str(v.data.get("ending")),
+    ending = {"FIN+RST": "FIN+RST", "OPEN": "open"}.get(str(v.data.get("ending")),
                                                              str(v.data.get("ending")))
     if v.status == PASS:
         return f"intact, {ending}"
-    return f"cut at {received} B, {ending}"
+    return f"{received} B, {ending}"
 
 
 def cell(row: DemoRow, scenario: str) -> tuple[str, bool | None]:
@@ -249,25 +249,29 @@ def render_demo(result: DemoResult, console: object | None = None) -> None:
     table = Table(title="graceful-close demo: stock vs graceful on 127.0.0.1 (sample app)",
                   title_justify="left", show_lines=False)
     table.add_column("server", no_wrap=True)
+    table.add_column("variant", no_wrap=True)
     for _, title in COLUMNS:
-        table.add_column(title)
+        table.add_column(title, no_wrap=True)
     previous_kind = None
     for row in result.rows:
         if previous_kind is not None and row.server.kind != previous_kind:
             table.add_section()
         previous_kind = row.server.kind
-        name = row.server.label
+        name = f"{row.server.family} {row.server.kind}"
+        flavour = "graceful" if row.server.graceful else "stock"
         if row.error:
-            table.add_row(name, f"[red]could not run: {row.error}[/]", *[""] * (len(COLUMNS) - 1))
+            table.add_row(name, flavour, f"[red]could not run: {row.error}[/]",
+                          *[""] * (len(COLUMNS) - 1))
             continue
         cells = []
         for key, _ in COLUMNS:
             text, good = cell(row, key)
             style = "green" if good else "red" if good is False else "yellow"
             cells.append(f"[{style}]{text}[/]")
-        table.add_row(f"[bold]{name}[/]" if row.server.graceful else name, *cells)
+        table.add_row(name, f"[bold]{flavour}[/]" if row.server.graceful else flavour, *cells)
     console.print(table)  # type: ignore[attr-defined]
     console.print(  # type: ignore[attr-defined]
         f"{len(result.rows)} servers in {result.elapsed:.0f} s. Red: the client lost response "
-        "bytes, met RST, or waited >= 1 s ('cut at N B': body bytes received before the RST).",
+        "bytes, met RST, or waited >= 1 s.\n'N B, RST': only N body bytes arrived, then RST. "
+        "'open': the server kept the connection open after its answer.",
         highlight=False)
