@@ -23,9 +23,11 @@ Two ways to count:
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -232,6 +234,8 @@ def when_ready(server: Any) -> None:
     if not directory:
         directory = tempfile.mkdtemp(prefix="graceful-close-metrics-")
         os.environ[METRICS_DIR_ENV] = directory  # the workers forked after this inherit it
+        master = os.getpid()
+        atexit.register(lambda: os.getpid() == master and shutil.rmtree(directory, True))
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     clear_snapshots(path)
