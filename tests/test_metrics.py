@@ -76,8 +76,13 @@ def test_gunicorn_workers_summed_by_master_collector(start_server, tmp_path: Pat
     assert after["graceful_close_bytes_discarded_total"] >= 3 * 1_000_000
 
     # A worker dies: its totals stay (counters never go down), a new one reports.
-    os.kill(worker_pids(server.pid)[0], signal.SIGKILL)
-    assert wait_until(lambda: scrape(url)["graceful_close_workers_reporting"] == 2, timeout=15)
+    killed = worker_pids(server.pid)[0]
+    os.kill(killed, signal.SIGKILL)
+    assert wait_until(lambda: killed not in worker_pids(server.pid)
+                      and len(worker_pids(server.pid)) == 2, timeout=15)
+    snapshot = tmp_path / "metrics" / f"{killed}.json"
+    assert wait_until(lambda: scrape(url)["graceful_close_workers_reporting"] == 2
+                      and not snapshot.exists(), timeout=15)  # retired, the new one reports
     later = scrape(url)
     for name in ("graceful_close_lingering_started_total",
                  "graceful_close_lingering_ended_total{reason=eof}",
