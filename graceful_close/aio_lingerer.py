@@ -213,6 +213,7 @@ class AioLingerer:
             since = linger._closing_since
             if since is not None and since <= self._shutdown_at:
                 linger._force_abort()
+        self._shutdown_at = None  # done; a later server on this loop may stop again
 
 
 def _fileno(transport: asyncio.BaseTransport) -> int | None:
