@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions per measurement")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), help="uvicorn event loop")
     parser.add_argument("--out", type=Path, help="output directory")
+    parser.add_argument("--merge", action="store_true",
+                        help="update the saved results.json with the items run now")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md and the chart from the saved results.json")
     args = parser.parse_args(argv)
@@ -123,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     if {"keepalive", "close"} & set(items):
         ensure_wrk()
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
-    results: dict = {"meta": machine_meta(plan, command.strip(), nofile), "targets": {}}
+    meta = machine_meta(plan, command.strip(), nofile)
+    results: dict = {"meta": meta, "targets": {}}
+    if args.merge and results_path.exists():  # re-measure some items of an earlier run
+        results = json.loads(results_path.read_text())
+        results["meta"].setdefault("merged", []).append(
+            {k: meta[k] for k in ("date", "command", "git")})
 
     def save() -> None:
         results_path.write_text(json.dumps(results, indent=1, default=str))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 KEEPALIVE_TARGET = 0.97
@@ -79,22 +80,36 @@ def _summary(targets: dict) -> list[str]:
 
 def _throughput(targets: dict, item: str, title: str) -> list[str]:
     lines = [f"### {title}", "", "| worker / protocol | stock req/s (median) | graceful req/s (median) "
-             "| ratio | socket errors + non-2xx, stock / graceful | runs stock | runs graceful |",
-             "|---|---|---|---|---|---|---|"]
+             "| ratio | worker CPU µs per request, stock / graceful "
+             "| context switches per request, stock / graceful "
+             "| socket errors + non-2xx, stock / graceful | runs stock | runs graceful "
+             "| other processes' cores (median, max) | runs repeated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     command = ""
     for entry in targets.values():
         data = entry.get(item)
         if not _ok(data):
             if data:
-                lines.append(f"| {entry['label']} | error: {data['error']} ||||||")
+                lines.append(f"| {entry['label']} | error: {data['error']} ||||||||")
             continue
         command = data["command"]
         runs = {v: ", ".join(f"{r:.0f}" for r in data["runs"][v]) for v in data["runs"]}
+        cpu, sw = data.get("cpu_us_per_request"), data.get("switches_per_request")
+        cpu_cell = f"{cpu['stock']:.0f} / {cpu['graceful']:.0f}" if cpu else "-"
+        sw_cell = f"{sw['stock']:.2f} / {sw['graceful']:.2f}" if sw else "-"
         lines.append(f"| {entry['label']} | {data['median']['stock']:.0f} | "
-                     f"{data['median']['graceful']:.0f} | {data['ratio']:.3f} | "
+                     f"{data['median']['graceful']:.0f} | {data['ratio']:.3f} | {cpu_cell} | {sw_cell} | "
                      f"{data['errors']['stock']} / {data['errors']['graceful']} | "
-                     f"{runs['stock']} | {runs['graceful']} |")
+                     f"{runs['stock']} | {runs['graceful']} | {_foreign(data)} | "
+                     f"{data.get('repeated_runs', '-')} |")
     return lines + ["", f"wrk command (per run, PORT = the server's): `{command}`", ""]
+
+
+def _foreign(data: dict) -> str:
+    loads = [x for runs in data.get("foreign_cores", {}).values() for x in runs]
+    if not loads:
+        return "-"
+    return f"{statistics.median(loads):.2f}, {max(loads):.2f}"
 
 
 def _hol(targets: dict) -> list[str]:
@@ -204,7 +219,12 @@ def write_chart(targets: dict, path: Path) -> bool:
         xs = range(len(ns))
         for variant, style in (("stock", dict(color="tab:red", marker="o")),
                                ("graceful", dict(color="tab:blue", marker="s"))):
-            ax.plot(xs, [med[variant][n]["p99"] * 1000 for n in ns], label=variant, **style)
+            ys = [med[variant][n]["p99"] * 1000 for n in ns]
+            ax.plot(xs, ys, label=variant, **style)
+            for x, n, y in zip(xs, ns, ys):
+                if med[variant][n]["censored"]:  # still waiting when the window closed
+                    ax.annotate("≥", (x, y), textcoords="offset points", xytext=(-12, 2),
+                                color=style["color"], fontsize=11)
         base = med["graceful"][ns[0]]["p99"] * 1000
         ax.axhline(HOL_FACTOR * base, color="tab:blue", linestyle=":", linewidth=1,
                    label=f"target: 2× graceful N={ns[0]}")
@@ -217,7 +237,9 @@ def write_chart(targets: dict, path: Path) -> bool:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(with_hol):]:
         ax.set_visible(False)
-    fig.suptitle("Head-of-line blocking: p99 latency vs never-closing clients (log scale)")
+    fig.suptitle("Head-of-line blocking: p99 latency of a normal client vs never-closing clients "
+                 "(log scale; ≥: lower bound, a request was still waiting at the window's end)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
