@@ -3,10 +3,12 @@
     gunicorn -k graceful_close.uvicorn_worker.UvicornWorker app:app
     gunicorn -k graceful_close.gunicorn.UvicornWorker app:app       # the same class
 
-Built on the `uvicorn-worker` package's UvicornWorker: only the protocol class
-changes (httptools when installed, else h11, like uvicorn's "auto"), plus a
-shutdown bound that stays inside gunicorn's --graceful-timeout and the
-counters' summary when the worker stops.
+Built on the `uvicorn-worker` package's UvicornWorker. What changes:
+- the protocol: graceful_close.uvicorn's (httptools when installed, else h11);
+- settings are validated in gunicorn's master (one-line error);
+- uvicorn's stop is bounded inside gunicorn's --graceful-timeout;
+- SIGQUIT (gunicorn's quick stop) stops uvicorn; stock ignored it until SIGKILL;
+- the counters are flushed (snapshot, summary line) when the worker exits.
 """
 
 from __future__ import annotations
