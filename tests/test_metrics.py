@@ -129,9 +129,12 @@ def test_single_process_uvicorn_collector(start_server, tmp_path: Path, ours: bo
         assert after["graceful_close_lingering_started_total"] == 0
         return
     assert result.intact
+    # At least the 2 MB close (client EOF) and the never-closing client (idle timeout);
+    # the early 413s keep their connection alive, so they may or may not linger.
     assert after["graceful_close_lingering_started_total"] >= before[
-        "graceful_close_lingering_started_total"] + 5
-    assert after["graceful_close_lingering_ended_total{reason=eof}"] >= 4
+        "graceful_close_lingering_started_total"] + 2
+    assert after["graceful_close_lingering_ended_total{reason=eof}"] >= 1
+    assert after["graceful_close_lingering_ended_total{reason=idle_timeout}"] >= 1
     # uvicorn itself discards an unread body on keep-alive connections; the linger
     # discards what follows a close: here the requests pipelined behind the 2 MB response.
     assert after["graceful_close_bytes_discarded_total"] > before["graceful_close_bytes_discarded_total"]
