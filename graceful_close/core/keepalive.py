@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..settings import Settings
 from .counters import PROCESS_COUNTERS, Counters
@@ -33,8 +33,8 @@ class CloseReason(str, enum.Enum):
     USER_AGENT = "user_agent"
 
 
-@dataclass(frozen=True)
-class KeepAliveDecision:
+class KeepAliveDecision(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: built per request, and about 4x cheaper to make.
     keep_alive: bool
     reason: CloseReason | None = None
     remaining_requests: int | None = None  # after this one; None = no cap
@@ -88,15 +88,17 @@ class UserAgentRules:
             elif rule != "none":
                 patterns.append(rule)
         self._regex = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-        self._cache: dict[str, tuple[bool, bool]] = {}
+        self._cache: dict[str | bytes, tuple[bool, bool]] = {}
         self.active = bool(self._regex or self._msie6 or self._safari)
 
-    def verdict(self, user_agent: str) -> tuple[bool, bool]:
+    def verdict(self, user_agent: str | bytes) -> tuple[bool, bool]:
+        """Cached by the raw header value (bytes or str): a repeat costs one dict lookup."""
         hit = self._cache.get(user_agent)
         if hit is None:
-            always = bool(self._regex and self._regex.search(user_agent)) or (
-                self._safari and _nginx_safari(user_agent))
-            hit = (always, self._msie6 and _nginx_msie6(user_agent))
+            text = user_agent.decode("latin-1") if isinstance(user_agent, bytes) else user_agent
+            always = bool(self._regex and self._regex.search(text)) or (
+                self._safari and _nginx_safari(text))
+            hit = (always, self._msie6 and _nginx_msie6(text))
             if len(self._cache) >= UA_CACHE_SIZE:
                 self._cache.clear()  # cheap bound; real traffic has few distinct agents
             self._cache[user_agent] = hit
@@ -105,8 +107,6 @@ class UserAgentRules:
     def disables(self, user_agent: str | bytes | None, method: str | bytes = "GET") -> bool:
         if not self.active or not user_agent:
             return False
-        if isinstance(user_agent, bytes):
-            user_agent = user_agent.decode("latin-1")
         always, on_post = self.verdict(user_agent)
         if always:
             return True
@@ -119,6 +119,8 @@ class KeepAlivePolicy:
         self.max_age = settings.keepalive_time
         self.user_agents = UserAgentRules(settings.nokeepalive_user_agents)
         self.counters = counters
+        # Keep-alive decisions differ only by the requests left: build each once.
+        self._keep: dict[int | None, KeepAliveDecision] = {}
 
     def decide(self, requests_served: int, connection_started: float, now: float,
                user_agent: str | bytes | None = None,
@@ -136,4 +138,9 @@ class KeepAlivePolicy:
         if self.user_agents.disables(user_agent, method):
             self.counters.user_agent_disables += 1
             return KeepAliveDecision(False, CloseReason.USER_AGENT, remaining)
-        return KeepAliveDecision(True, None, remaining)
+        decision = self._keep.get(remaining)
+        if decision is None:
+            if len(self._keep) >= UA_CACHE_SIZE:
+                self._keep.clear()
+            decision = self._keep[remaining] = KeepAliveDecision(True, None, remaining)
+        return decision
