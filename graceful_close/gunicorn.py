@@ -18,7 +18,9 @@ GRACEFUL_CLOSE_* environment variables; the master validates them at startup.
 
 from __future__ import annotations
 
+import errno
 import logging
+import select
 import socket
 import sys
 import time
@@ -39,6 +41,10 @@ __all__ = ["SyncWorker", "ThreadWorker", "UvicornWorker", "configure", "current_
 # Leave this much of gunicorn's graceful_timeout for the exit itself: the arbiter
 # sends SIGKILL when it runs out, and a killed worker resets what still lingers.
 STOP_MARGIN = 1.0
+# Out of descriptors (lingering sockets hold some): stop accepting this long instead of
+# letting accept() raise out of the worker loop; nginx pauses 500 ms as well.
+ACCEPT_PAUSE = 0.5
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Attribute on a gunicorn Request: the keep-alive decision for its response.
 DECISION_ATTR = "graceful_close_keepalive"
 # gthread reads at most this much of a body the app left unread, then closes.
@@ -185,6 +191,18 @@ class SyncWorker(_GracefulWorker, sync.SyncWorker):
     whose name ends in "SyncWorker" with its stock gthread worker.
     """
 
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            super().accept(listener)
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            # The connection waits in the kernel's backlog; this single-threaded worker has
+            # nothing else to do until the lingerer frees descriptors, so waiting blocks no one.
+            self.log.warning("graceful-close: accept() failed (%s); retrying in %gs",
+                             exc.strerror, ACCEPT_PAUSE)
+            time.sleep(ACCEPT_PAUSE)
+
 
 class _Connection(gthread.TConn):
     """gthread's connection plus what the keep-alive policy needs; every close lingers."""
@@ -199,6 +217,21 @@ class _Connection(gthread.TConn):
         # TConn.close(graceful=True) on a socket already closed raises EBADF and makes
         # finish_request count the connection twice.
         _hand_off(self.sock)
+
+    def wait_for_data(self, timeout: float) -> bool:
+        # Copied from TConn.wait_for_data, with poll() for its per-connection epoll: poll()
+        # takes no descriptor, so a worker short of them (lingering sockets hold some)
+        # still serves the connections it has accepted instead of failing them.
+        if self.data_ready:
+            return True
+        poller = select.poll()
+        try:
+            poller.register(self.sock, select.POLLIN)
+            ready = bool(poller.poll(timeout * 1000))
+        except (OSError, ValueError):
+            return False
+        self.data_ready = ready
+        return ready
 
 
 class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
@@ -219,6 +252,28 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
         # close() without copying accept().
         gthread.TConn = _Connection  # type: ignore[misc]
         super().init_process()
+
+    _accept_paused_until = 0.0
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            super().accept(listener)
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            # Stock gthread re-raises this and the worker dies. Unregister the listeners
+            # for a moment instead: sleeping here would stall the poller and every
+            # connection on it.
+            self.log.warning("graceful-close: accept() failed (%s); pausing accepts for %gs",
+                             exc.strerror, ACCEPT_PAUSE)
+            self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+            self.set_accept_enabled(False)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # gthread's loop re-enables accepting on every turn; hold off until the pause ends.
+        if enabled and time.monotonic() < self._accept_paused_until:
+            return
+        super().set_accept_enabled(enabled)
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
