@@ -189,6 +189,10 @@ class AioLingerer:
         linger._begin()
         return linger
 
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown_at is not None
+
     def begin_shutdown(self, grace: float) -> None:
         """The server is stopping: whatever lingers `grace` seconds from now ends then.
 

@@ -124,6 +124,7 @@ class _LingeringCloseMixin:
 
     # Attributes of uvicorn's protocols that we use.
     loop: asyncio.AbstractEventLoop
+    server_state: Any
     transport: asyncio.Transport
     cycle: Any
     headers: list[tuple[bytes, bytes]]
@@ -183,6 +184,10 @@ class _LingeringCloseMixin:
         if self._gc_linger is not None:
             self._gc_linger.connection_lost(exc)
         super().connection_lost(exc)  # type: ignore[misc]
+        if not self.server_state.connections and aio_lingerer(self.loop, _settings).stopping:
+            # uvicorn leaves by re-raising SIGTERM/SIGINT, so atexit never runs: the last
+            # connection of a stopping server is the last moment we can log the summary.
+            metrics.flush_at_worker_exit()
 
     def shutdown(self) -> None:
         engine = aio_lingerer(self.loop, _settings)
