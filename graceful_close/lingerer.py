@@ -62,13 +62,15 @@ class Lingerer:
         The socket object is detached: the server's later close() or reuse of it is
         harmless, and calling hand_off twice for one socket does nothing.
         """
+        family, kind, proto = sock.family, sock.type, sock.proto
         try:
             fd = sock.detach()
         except OSError:
             return
         if fd < 0:
             return
-        owned = socket.socket(fileno=fd)
+        # Naming family/type/proto spares the three getsockopt() probes of fileno= alone.
+        owned = socket.socket(family, kind, proto, fileno=fd)
         owned.setblocking(False)
         shut = half_close(owned)  # FIN goes out now, behind the queued response
         self._ensure_started()
