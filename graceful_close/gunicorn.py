@@ -129,9 +129,7 @@ class _GracefulWorker:
         except SettingsError as exc:
             print(exc, file=sys.stderr, flush=True)
             sys.exit(1)
-        log.info("graceful-close: linger_time=%gs linger_timeout=%gs keepalive_requests=%d "
-                 "keepalive_time=%gs", settings.linger_time, settings.linger_timeout,
-                 settings.keepalive_requests, settings.keepalive_time)
+        log.info(settings.describe())
         parent = getattr(super(), "check_config", None)
         if parent is not None:
             parent(cfg, log)
@@ -180,6 +178,25 @@ class _GracefulWorker:
         return self.graceful_settings.linger_timeout
 
 
+class _DescriptorShortage:
+    """Around accept(): EMFILE and its kin are noted (with a warning), not raised."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.until = 0.0  # when accepting may resume; 0 while nothing went wrong
+
+    def __enter__(self) -> _DescriptorShortage:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if not isinstance(exc, OSError) or exc.errno not in _OUT_OF_DESCRIPTORS:
+            return False
+        self.log.warning("graceful-close: accept() failed (%s); pausing accepts for %gs",
+                         exc.strerror, ACCEPT_PAUSE)
+        self.until = time.monotonic() + ACCEPT_PAUSE
+        return True
+
+
 class SyncWorker(_GracefulWorker, sync.SyncWorker):
     """gunicorn's sync worker with lingering closes on the lingerer thread.
 
@@ -192,15 +209,12 @@ class SyncWorker(_GracefulWorker, sync.SyncWorker):
     """
 
     def accept(self, listener: socket.socket) -> None:
-        try:
+        shortage = _DescriptorShortage(self.log)
+        with shortage:
             super().accept(listener)
-        except OSError as exc:
-            if exc.errno not in _OUT_OF_DESCRIPTORS:
-                raise
+        if shortage.until:
             # The connection waits in the kernel's backlog; this single-threaded worker has
             # nothing else to do until the lingerer frees descriptors, so waiting blocks no one.
-            self.log.warning("graceful-close: accept() failed (%s); retrying in %gs",
-                             exc.strerror, ACCEPT_PAUSE)
             time.sleep(ACCEPT_PAUSE)
 
 
@@ -256,17 +270,14 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
     _accept_paused_until = 0.0
 
     def accept(self, listener: socket.socket) -> None:
-        try:
+        shortage = _DescriptorShortage(self.log)
+        with shortage:
             super().accept(listener)
-        except OSError as exc:
-            if exc.errno not in _OUT_OF_DESCRIPTORS:
-                raise
-            # Stock gthread re-raises this and the worker dies. Unregister the listeners
+        if shortage.until:
+            # Stock gthread re-raises EMFILE and the worker dies. Unregister the listeners
             # for a moment instead: sleeping here would stall the poller and every
             # connection on it.
-            self.log.warning("graceful-close: accept() failed (%s); pausing accepts for %gs",
-                             exc.strerror, ACCEPT_PAUSE)
-            self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+            self._accept_paused_until = shortage.until
             self.set_accept_enabled(False)
 
     def set_accept_enabled(self, enabled: bool) -> None:

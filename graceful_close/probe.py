@@ -193,7 +193,7 @@ def judge_pipeline(ex: clients.Exchange, count: int) -> Verdict:
         where = f"answered 1 of {count} and closed (no keep-alive)"
     else:
         where = f"ended the connection after {got} of {count} (a request cap)"
-    outcome = f"{got}/{count} intact" + (f", 1 truncated" if partial else "")
+    outcome = f"{got}/{count} intact" + (", 1 truncated" if partial else "")
     data = {"requests": count, "complete": got, "ending": ex.ending}
     if ex.ending == "CAP":
         return Verdict("pipeline", SKIP, outcome, _ending_text(ex.ending),

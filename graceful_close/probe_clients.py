@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from .scenarios import Target
+from .scenarios import Target, collect_responses
 from .wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
 TCP_CLOSE_STATE = 7  # Linux tcp_states.h: TCP_CLOSE, where a socket lands after RST
@@ -97,16 +97,7 @@ class Exchange:
 
 def _read(reader: CappedReader, exchange: Exchange, limit: int) -> None:
     """Read up to `limit` responses; then how the connection ends, or 'OPEN' if it stays up."""
-    try:
-        for _ in range(limit):
-            exchange.responses.append(reader.read_response())
-    except ConnectionEnded as ended:
-        partial = getattr(ended, "response", None)
-        if partial is not None and partial.status:
-            exchange.responses.append(partial)
-        exchange.ending = ended.kind
-        return
-    exchange.ending = "OPEN"
+    exchange.ending = collect_responses(reader, exchange.responses, limit) or "OPEN"
 
 
 def _end_after_last(reader: CappedReader, wait: float) -> str:

@@ -66,18 +66,22 @@ class ScenarioResult:
         return data
 
 
-def _read_responses(reader: ResponseReader, result: ScenarioResult, limit: int) -> None:
-    """Read up to `limit` responses, then how the connection ends."""
+def collect_responses(reader: ResponseReader, responses: list[Response], limit: int) -> str | None:
+    """Append up to `limit` responses (a cut one too); how the connection ended, or None."""
     try:
         for _ in range(limit):
-            result.responses.append(reader.read_response())
+            responses.append(reader.read_response())
     except ConnectionEnded as ended:
         partial = getattr(ended, "response", None)
         if partial is not None and partial.status:
-            result.responses.append(partial)
-        result.ending = ended.kind
-        return
-    result.ending = reader.read_end()
+            responses.append(partial)
+        return ended.kind
+    return None
+
+
+def _read_responses(reader: ResponseReader, result: ScenarioResult, limit: int) -> None:
+    """Read up to `limit` responses, then how the connection ends."""
+    result.ending = collect_responses(reader, result.responses, limit) or reader.read_end()
 
 
 def _count_send_reset(result: ScenarioResult) -> None:

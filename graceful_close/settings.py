@@ -81,6 +81,11 @@ class Settings:
         values.update(overrides)
         return cls(**values)
 
+    def describe(self) -> str:
+        """The startup log line of a server using these settings."""
+        return (f"graceful-close: linger_time={self.linger_time:g}s linger_timeout={self.linger_timeout:g}s "
+                f"keepalive_requests={self.keepalive_requests} keepalive_time={self.keepalive_time:g}s")
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 

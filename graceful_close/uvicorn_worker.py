@@ -37,9 +37,7 @@ class UvicornWorker(_StockUvicornWorker):
         from . import uvicorn as _protocols  # reads and validates the settings
 
         settings = _protocols.current_settings()
-        log.info("graceful-close: linger_time=%gs linger_timeout=%gs keepalive_requests=%d "
-                 "keepalive_time=%gs", settings.linger_time, settings.linger_timeout,
-                 settings.keepalive_requests, settings.keepalive_time)
+        log.info(settings.describe())
         parent = getattr(super(), "check_config", None)
         if parent is not None:
             parent(cfg, log)

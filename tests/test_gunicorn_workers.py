@@ -266,6 +266,7 @@ def test_error_after_headers_counts_the_connection_once(start_server, tmp_path: 
                     "    worker.log.warning('nr_conns=%d', worker.nr_conns)\n")
     server = start_server(gunicorn_server(SAMPLE_WSGI, worker_class("gthread", ours),
                                           args=["-c", str(conf)]))
+    time.sleep(0.5)  # the launcher's readiness request must be finished and uncounted first
     for path in ["/raise-after-headers", "/raise-after-headers", "/"]:
         never_closing(target(server), path, hold=0)
         time.sleep(0.2)  # let the poller run finish_request before the next accept
