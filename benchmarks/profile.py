@@ -42,6 +42,11 @@ def _function(frame: str) -> str:
     return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1]}" if where else name
 
 
+def _is_ours(frame: str) -> bool:
+    """A frame of the library (the sample app, also in the package, runs in both variants)."""
+    return "graceful_close/" in frame and "sample_apps.py" not in frame
+
+
 def summarize(stacks: list[tuple[list[str], int]], top: int = 12) -> list[str]:
     total = sum(count for _, count in stacks) or 1
     threads: collections.Counter[str] = collections.Counter()
@@ -52,7 +57,7 @@ def summarize(stacks: list[tuple[list[str], int]], top: int = 12) -> list[str]:
         own[_function(frames[-1])] += count
         for fn in {_function(f) for f in frames[1:]}:
             inclusive[fn] += count
-    ours = sum(count for frames, count in stacks if any("/graceful_close/" in f for f in frames))
+    ours = sum(count for frames, count in stacks if any(_is_ours(f) for f in frames))
     lines = [f"  samples inside graceful_close code (inclusive): {100 * ours / total:.1f}%",
              "  threads (share of on-CPU samples):"]
     lines += [f"    {100 * c / total:5.1f}%  {t}" for t, c in threads.most_common()]

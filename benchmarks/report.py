@@ -229,12 +229,13 @@ def write_chart(targets: dict, path: Path) -> bool:
         ax.axhline(HOL_FACTOR * base, color="tab:blue", linestyle=":", linewidth=1,
                    label=f"target: 2× graceful N={ns[0]}")
         ax.set_yscale("log")
+        ax.set_ylim(0.2, 30_000)  # one scale for every panel, so they compare at a glance
         ax.set_xticks(list(xs), ns)
         ax.set_xlabel("never-closing clients arriving (N)")
         ax.set_ylabel("p99 latency of a normal client (ms)")
         ax.set_title(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     for ax in list(axes.flat)[len(with_hol):]:
         ax.set_visible(False)
     fig.suptitle("Head-of-line blocking: p99 latency of a normal client vs never-closing clients "
