@@ -26,6 +26,10 @@ log = logging.getLogger("graceful_close")
 
 READ_CHUNK = 65536
 READS_PER_WAKEUP = 16  # one flooding client cannot starve the others
+# After a busy turn, let events pile up this long: one wake-up then serves many sockets.
+# Without it the thread wakes twice per connection and trades the GIL with the worker
+# each time. The FIN is already out, so a millisecond here delays nothing a client sees.
+COALESCE_SECONDS = 0.001
 
 
 class _Lingering:
@@ -129,7 +133,8 @@ class Lingerer:
 
     def _step(self, selector: selectors.BaseSelector) -> bool:
         """One turn of the loop; True when stopping and nothing is left."""
-        for key, _ in selector.select(self._next_timeout()):
+        events = selector.select(self._next_timeout())
+        for key, _ in events:
             if key.data is None:
                 self._take_incoming()
             else:
@@ -142,6 +147,8 @@ class Lingerer:
                     self._finish(entry, entry.state.on_shutdown())
             if not self._by_start and self._incoming.empty():
                 return True
+        if events:
+            time.sleep(COALESCE_SECONDS)
         return False
 
     def _next_timeout(self) -> float | None:
