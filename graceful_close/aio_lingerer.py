@@ -141,7 +141,7 @@ class Linger:
         if self.transport.get_write_buffer_size() > 0:
             return False
         fd = _fileno(self.transport)
-        return fd is not None and can_abort_safely(fd)
+        return fd is not None and can_abort_safely(fd, fin_sent=not self.tls)  # TLS: no half-close
 
     def _abort_tls_if_acked(self) -> None:
         self._timer = None

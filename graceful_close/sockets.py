@@ -30,19 +30,25 @@ def unacked_bytes(fd: int) -> int | None:
     return struct.unpack("i", raw)[0]
 
 
-def can_abort_safely(fd: int) -> bool:
-    """RST destroys nothing only when the peer has acknowledged every byte we sent."""
-    return unacked_bytes(fd) == 0
+def can_abort_safely(fd: int, fin_sent: bool) -> bool:
+    """RST destroys nothing only when the peer has acknowledged every byte we sent.
+
+    After shutdown(SHUT_WR) our FIN takes one sequence number of its own, and a
+    FIN cannot be acked before the data ahead of it: 1 outstanding then means only
+    the FIN is unacked (the client delays that ACK), and no data can be lost.
+    """
+    outstanding = unacked_bytes(fd)
+    return outstanding is not None and outstanding <= (1 if fin_sent else 0)
 
 
 def close_for(sock: socket.socket, ending: Ending) -> bool:
-    """Close after a lingering close ends; returns True when it closed with RST.
+    """Close a half-closed socket after its lingering close ends; True when it sent RST.
 
     RST on a timeout frees the socket at once instead of leaving an orphan in
     FIN_WAIT_2, and is only sent when no response byte can be lost by it.
     """
     aborted = False
-    if ending.abort_if_acked and sock.fileno() >= 0 and can_abort_safely(sock.fileno()):
+    if ending.abort_if_acked and sock.fileno() >= 0 and can_abort_safely(sock.fileno(), fin_sent=True):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
             aborted = True

@@ -157,3 +157,21 @@ def test_peer_already_reset(listener):
     lingerer.hand_off(server)
     assert wait_until(lambda: counters.ended_error + counters.ended_eof == 1, 5)
     lingerer.stop(1)
+
+
+def test_young_evicted_socket_is_reset_not_orphaned(listener):
+    """Evicted before the client acked our FIN (a delayed ACK): only the FIN is outstanding
+    (SIOCOUTQ 1), so RST loses nothing and spares a 60 s FIN_WAIT_2 orphan. Counting the
+    FIN as data (outstanding must be 0) made this close a plain one."""
+    lingerer, counters = make(max_lingering=1, linger_time=30, linger_timeout=30)
+    first_client, first = pair(listener)
+    second_client, second = pair(listener)
+    first.sendall(b"response")
+    lingerer.hand_off(first)
+    lingerer.hand_off(second)  # evicts the first at once
+    assert wait_until(lambda: counters.ended_evicted == 1, 5)
+    assert counters.aborted_with_rst == 1
+    assert read_all(first_client) == (len(b"response"), "FIN")  # every byte arrived first
+    for sock in (first_client, second_client):
+        sock.close()
+    lingerer.stop(1)
