@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 
 import psutil
+
+from graceful_close.wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
 SAMPLE_WSGI = "graceful_close.sample_apps:wsgi_app"
 SAMPLE_ASGI = "graceful_close.sample_apps:asgi_app"
@@ -41,3 +44,21 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def exchange_on_one_connection(port: int, headers_per_request: list[dict[str, str]],
+                               pause: float = 0.0) -> tuple[list[Response], str]:
+    """Requests one after another on one connection; the responses and how it ended."""
+    responses = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = ResponseReader(sock, time.monotonic() + 10)
+        for headers in headers_per_request:
+            try:
+                sock.sendall(request_bytes("GET", "/", "x", headers))
+                responses.append(reader.read_response())
+            except (ConnectionEnded, OSError) as ended:
+                return responses, getattr(ended, "kind", "RST")
+            if responses[-1].header("connection") == "close":
+                return responses, reader.read_end()
+            time.sleep(pause)
+    return responses, "open"

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from graceful_close.launch import ServerProcess, gunicorn_server
 from graceful_close.scenarios import Target, early_response_upload
-from graceful_close.wire import ConnectionEnded, Response, ResponseReader, request_bytes
+from graceful_close.wire import Response
+from tests.helpers import exchange_on_one_connection
 
 INTEGRATIONS = Path(__file__).resolve().parent.parent / "integrations"
 FLASK_APP = "flask_app:app"  # the recipes put integrations/ on the Python path
@@ -25,18 +24,7 @@ def _recipe(conf: str, worker_class: str, env: dict[str, str] | None = None) -> 
 
 def _requests_on_one_connection(port: int, count: int,
                                 headers: dict[str, str] | None = None) -> tuple[list[Response], str]:
-    responses: list[Response] = []
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        reader = ResponseReader(sock, time.monotonic() + 10)
-        for _ in range(count):
-            try:
-                sock.sendall(request_bytes("GET", "/", "x", headers))
-                responses.append(reader.read_response())
-            except (ConnectionEnded, OSError) as ended:
-                return responses, getattr(ended, "kind", "RST")
-            if responses[-1].header("connection") == "close":
-                return responses, reader.read_end()
-    return responses, "open"
+    return exchange_on_one_connection(port, [headers or {}] * count)
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import requests
 
 from graceful_close.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
 from graceful_close.scenarios import Target, pipelined
-from graceful_close.wire import ConnectionEnded, Response, ResponseReader, request_bytes
-from tests.helpers import wait_until
+from graceful_close.wire import Response, ResponseReader, request_bytes
+from tests.helpers import exchange_on_one_connection, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.apps_gunicorn:app"
@@ -79,29 +79,11 @@ def test_httpx_client_reconnects_after_the_cap(capped) -> None:
     assert len({r.text for r in responses}) == 3
 
 
-def _exchange(port: int, headers_per_request: list[dict[str, str]],
-              pause: float = 0.0) -> tuple[list[Response], str]:
-    """Requests one after another on one connection; the responses and how it ended."""
-    responses = []
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        reader = ResponseReader(sock, time.monotonic() + 10)
-        for headers in headers_per_request:
-            try:
-                sock.sendall(request_bytes("GET", "/", "x", headers))
-                responses.append(reader.read_response())
-            except (ConnectionEnded, OSError) as ended:
-                return responses, getattr(ended, "kind", "RST")
-            if responses[-1].header("connection") == "close":
-                return responses, reader.read_end()
-            time.sleep(pause)
-    return responses, "open"
-
-
 def test_legacy_user_agent_gets_connection_close_at_once(capped) -> None:
-    responses, ending = _exchange(capped.port, [{"User-Agent": LEGACY_UA}] * 2)
+    responses, ending = exchange_on_one_connection(capped.port, [{"User-Agent": LEGACY_UA}] * 2)
     assert len(responses) == 1 and responses[0].header("connection") == "close"
     assert ending == "FIN"
-    responses, ending = _exchange(capped.port, [{"User-Agent": MODERN_UA}] * 2)
+    responses, ending = exchange_on_one_connection(capped.port, [{"User-Agent": MODERN_UA}] * 2)
     assert [r.header("connection") for r in responses] == ["keep-alive"] * 2
     assert ending == "open"
 
@@ -109,7 +91,7 @@ def test_legacy_user_agent_gets_connection_close_at_once(capped) -> None:
 def test_connection_age_cap(start_server) -> None:
     """keepalive_time=1: a request more than 1 s after accept gets Connection: close."""
     server = start_server(_server(OURS, {"GRACEFUL_CLOSE_KEEPALIVE_TIME": "1"}))
-    responses, ending = _exchange(server.port, [{}, {}, {}], pause=1.2)
+    responses, ending = exchange_on_one_connection(server.port, [{}, {}, {}], pause=1.2)
     assert [r.header("connection") for r in responses] == ["keep-alive", "close"]
     assert ending == "FIN"
 
