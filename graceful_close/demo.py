@@ -8,9 +8,7 @@ Stock rows are expected to fail: that is the point of the demonstration.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess, gunicorn_server, uvicorn_server
+from .console import table_console
 from .probe import FAIL, PASS, ProbeConfig, ProbeReport, Verdict, run_probe
-from .scenarios import Target, never_closing
-from .wire import ConnectionEnded, ResponseReader, request_bytes
+from .scenarios import Target, never_closing, timed_request
 
 SAMPLE_WSGI = "graceful_close.sample_apps:wsgi_app"
 SAMPLE_ASGI = "graceful_close.sample_apps:asgi_app"
@@ -125,14 +123,7 @@ class DemoResult:
 
 def _normal_request(port: int) -> float:
     """Seconds for one request on a new connection (NORMAL_TIMEOUT when it did not finish)."""
-    start = time.monotonic()
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=NORMAL_TIMEOUT) as sock:
-            sock.sendall(request_bytes("GET", "/", "demo", {"Connection": "close"}))
-            ResponseReader(sock, start + NORMAL_TIMEOUT).read_response()
-    except (OSError, ConnectionEnded):
-        return NORMAL_TIMEOUT
-    return time.monotonic() - start
+    return timed_request(Target("127.0.0.1", port), NORMAL_TIMEOUT)
 
 
 def worst_stall(port: int) -> tuple[float, int]:
@@ -239,13 +230,10 @@ def cell(row: DemoRow, scenario: str) -> tuple[str, bool | None]:
 
 
 def render_demo(result: DemoResult, console: object | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     if console is None:
-        console = Console()
-        if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: not 80 columns
-            console = Console(width=150)
+        console = table_console(150)
     table = Table(title="graceful-close demo: stock vs graceful on 127.0.0.1 (sample app)",
                   title_justify="left", show_lines=False)
     table.add_column("server", no_wrap=True)

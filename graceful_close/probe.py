@@ -8,13 +8,13 @@ time (see PROBE_LIMITS), and only the upload scenario sends anything but GET.
 
 from __future__ import annotations
 
-import os
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
+from .console import table_console
 from . import probe_clients as clients
 from .scenarios import Target
 
@@ -375,15 +375,12 @@ STATUS_STYLE = {PASS: "bold green", FAIL: "bold red", SKIP: "yellow"}
 def render_report(report: ProbeReport, console: object | None = None) -> None:
     """A readable table (rich when installed, plain text otherwise)."""
     try:
-        from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is in the diagnostics extra
         print(plain_report(report))
         return
     if console is None:
-        console = Console()
-        if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: not 80 columns
-            console = Console(width=130)
+        console = table_console()
     table = Table(title=f"graceful-close probe {report.url}  (server: {report.server})",
                   title_justify="left", show_lines=True)
     table.add_column("scenario", no_wrap=True)

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from .scenarios import Target, collect_responses
+from .scenarios import Target, collect_responses, send_unread_upload
 from .wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
 TCP_CLOSE_STATE = 7  # Linux tcp_states.h: TCP_CLOSE, where a socket lands after RST
@@ -188,16 +188,10 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
     exchange = Exchange()
     start = time.monotonic()
     with target.connect(timeout) as sock:
-        sock.sendall(request_bytes("POST", path, target.authority, content_length=size,
-                                   headers={"Content-Type": "application/octet-stream"}))
-        block, sent = b"u" * chunk, 0
-        try:
-            while sent < size:
-                sock.sendall(block[:size - sent])
-                sent += min(chunk, size - sent)
-        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        sent, stopped = send_unread_upload(sock, target, path, size, chunk)
+        if stopped == "reset":
             exchange.note = f"reset while sending, after {sent} of {size} bytes"
-        except (socket.timeout, TimeoutError):
+        elif stopped == "stalled":
             exchange.note = f"server stopped reading after {sent} of {size} bytes"
         exchange.extra["sent"] = sent
         reader = CappedReader(sock, start + timeout, max_bytes)

@@ -84,6 +84,38 @@ def _read_responses(reader: ResponseReader, result: ScenarioResult, limit: int) 
     result.ending = collect_responses(reader, result.responses, limit) or reader.read_end()
 
 
+def send_unread_upload(sock: socket.socket, target: Target, path: str, size: int,
+                       chunk_size: int = UPLOAD_CHUNK) -> tuple[int, str | None]:
+    """POST headers and `size` body bytes without reading anything back.
+
+    Returns the bytes sent and how sending stopped early: "reset", "stalled" or None.
+    """
+    sock.sendall(request_bytes("POST", path, target.authority, content_length=size,
+                               headers={"Content-Type": "application/octet-stream"}))
+    chunk, sent = b"u" * chunk_size, 0
+    try:
+        while sent < size:
+            sock.sendall(chunk[:size - sent])
+            sent += min(chunk_size, size - sent)
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        return sent, "reset"
+    except (socket.timeout, TimeoutError):
+        return sent, "stalled"
+    return sent, None
+
+
+def timed_request(target: Target, timeout: float, path: str = "/") -> float:
+    """A normal client: seconds for one request on a new connection (`timeout` if unanswered)."""
+    start = time.monotonic()
+    try:
+        with target.connect(timeout) as sock:
+            sock.sendall(request_bytes("GET", path, target.authority, {"Connection": "close"}))
+            ResponseReader(sock, start + timeout).read_response()
+    except (OSError, ConnectionEnded):
+        return timeout
+    return time.monotonic() - start
+
+
 def _count_send_reset(result: ScenarioResult) -> None:
     """A reset met while sending makes later reads return EOF: it still ended by RST."""
     if "reset" in result.note and result.ending.startswith("FIN"):
@@ -97,18 +129,9 @@ def early_response_upload(target: Target, path: str = "/upload", upload_size: in
     start = time.monotonic()
     sock = target.connect(timeout)
     try:
-        sock.sendall(request_bytes("POST", path, target.authority, content_length=upload_size,
-                                   headers={"Content-Type": "application/octet-stream"}))
-        chunk = b"u" * UPLOAD_CHUNK
-        sent = 0
-        try:
-            while sent < upload_size:
-                sock.sendall(chunk[:upload_size - sent])
-                sent += min(UPLOAD_CHUNK, upload_size - sent)
-        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
-            result.note = f"upload reset after {sent} of {upload_size} bytes"
-        except (socket.timeout, TimeoutError):
-            result.note = f"upload stalled after {sent} of {upload_size} bytes"
+        sent, stopped = send_unread_upload(sock, target, path, upload_size)
+        if stopped:
+            result.note = f"upload {stopped} after {sent} of {upload_size} bytes"
         _read_responses(ResponseReader(sock, start + timeout), result, 1)
         _count_send_reset(result)
     finally:

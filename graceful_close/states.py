@@ -10,13 +10,14 @@ and reported as "no owner".
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .console import table_console
 
 PROC_NET = ("/proc/net/tcp", "/proc/net/tcp6")
 FIN_TIMEOUT_PATH = Path("/proc/sys/net/ipv4/tcp_fin_timeout")
@@ -235,15 +236,12 @@ def _scope(port: int | None, pid: int | None) -> str:
 
 def render_census(census: Census, console: object | None = None) -> None:
     try:
-        from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is in the diagnostics extra
         print(plain_census(census))
         return
     if console is None:
-        console = Console()
-        if not console.is_terminal and "COLUMNS" not in os.environ:  # piped: not 80 columns
-            console = Console(width=130)
+        console = table_console()
     fin = f"{census.fin_timeout} s" if census.fin_timeout is not None else "unknown"
     table = Table(title=f"TCP states: {census.scope}  (net.ipv4.tcp_fin_timeout = {fin})",
                   title_justify="left")

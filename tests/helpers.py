@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 
 import psutil
@@ -35,6 +36,16 @@ def worker_pids(server_pid: int) -> list[int]:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def trickle(socks: list[socket.socket], stop: threading.Event, every: float = 0.3) -> None:
+    """Send one byte on every socket each `every` seconds until `stop` (a lingering client)."""
+    while not stop.wait(every):
+        for sock in socks:
+            try:
+                sock.send(b"t")
+            except OSError:
+                pass
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:

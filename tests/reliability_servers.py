@@ -18,7 +18,8 @@ import pytest
 
 from graceful_close.launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess
 from graceful_close.launch import gunicorn_server, uvicorn_server
-from graceful_close.wire import ConnectionEnded, Response, ResponseReader, request_bytes
+from graceful_close.scenarios import collect_responses
+from graceful_close.wire import Response, ResponseReader, request_bytes
 from tests.helpers import SAMPLE_ASGI, SAMPLE_WSGI
 
 KINDS = ("gthread", "httptools")
@@ -85,15 +86,7 @@ def exchange(port: int, payload: bytes, *, shut_wr: bool = True, timeout: float 
         except OSError:
             return responses, "RST(send)"
         reader = ResponseReader(sock, time.monotonic() + timeout)
-        try:
-            for _ in range(max_responses):
-                responses.append(reader.read_response())
-        except ConnectionEnded as ended:
-            partial = getattr(ended, "response", None)
-            if partial is not None and partial.status:
-                responses.append(partial)
-            return responses, ended.kind
-        return responses, reader.read_end()
+        return responses, collect_responses(reader, responses, max_responses) or reader.read_end()
 
 
 def get_ok(port: int, path: str = "/", timeout: float = 10.0) -> bool:

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from graceful_close.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
-from graceful_close.scenarios import Target, early_response_upload, never_closing, trickling
-from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
+from graceful_close.scenarios import (Target, early_response_upload, never_closing,
+                                      timed_request, trickling)
+from graceful_close.wire import ResponseReader, request_bytes
 from tests.helpers import SAMPLE_WSGI, count_state, fd_count, wait_until, worker_pids
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,14 +63,7 @@ def test_early_413_to_unread_upload_arrives_intact(start_server, kind: str, ours
 
 def _normal_request_seconds(port: int, timeout: float = 5.0) -> float:
     """One request on a new connection; seconds until its response is complete."""
-    start = time.monotonic()
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
-            ResponseReader(sock, start + timeout).read_response()
-    except (OSError, ConnectionEnded):
-        return timeout
-    return time.monotonic() - start
+    return timed_request(Target("127.0.0.1", port), timeout)
 
 
 @pytest.mark.parametrize("ours", [False, True], ids=["stock", "ours"])

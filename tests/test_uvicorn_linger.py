@@ -23,7 +23,7 @@ import requests
 
 from graceful_close.scenarios import never_closing, trickling
 from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
-from tests.helpers import SAMPLE_ASGI, count_state, fd_count, tcp_states, wait_until
+from tests.helpers import SAMPLE_ASGI, count_state, fd_count, tcp_states, trickle, wait_until
 from tests.uvicorn_servers import LINGER_TIME, LINGER_TIMEOUT, Fleet, make_server
 
 SLACK = 5.0  # loose bound on top of a deadline
@@ -93,15 +93,6 @@ def test_herd_of_never_closing_clients_does_not_stop_service(fleet) -> None:
             sock.close()
 
 
-def _trickle(socks: list[socket.socket], stop: threading.Event) -> None:
-    while not stop.wait(0.3):
-        for sock in socks:
-            try:
-                sock.send(b"t")
-            except OSError:
-                pass
-
-
 @pytest.mark.parametrize("http, sig", [pytest.param("httptools", signal.SIGTERM, id="httptools-SIGTERM"),
                                        pytest.param("h11", signal.SIGINT, id="h11-SIGINT")])
 def test_shutdown_with_lingering_connections_is_bounded(start_server, http, sig) -> None:
@@ -118,7 +109,7 @@ def test_shutdown_with_lingering_connections_is_bounded(start_server, http, sig)
         assert ResponseReader(sock, time.monotonic() + 5).read_response().complete
         idle.append(sock)
     stop = threading.Event()
-    trickler = threading.Thread(target=_trickle, args=(lingering, stop), daemon=True)
+    trickler = threading.Thread(target=trickle, args=(lingering, stop), daemon=True)
     trickler.start()
     try:
         started = time.monotonic()

@@ -19,7 +19,7 @@ import pytest
 from graceful_close.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
 from graceful_close.scenarios import Target, early_response_upload, pipelined_after_close
 from graceful_close.wire import ResponseReader, request_bytes
-from tests.helpers import SAMPLE_ASGI, count_state, tcp_states, wait_until, worker_pids
+from tests.helpers import SAMPLE_ASGI, count_state, tcp_states, trickle, wait_until, worker_pids
 from tests.uvicorn_servers import LINGER_TIME, SHORT
 
 STOCK, OURS = GUNICORN_WORKERS["uvicorn-worker"]
@@ -85,15 +85,7 @@ def test_sigterm_with_lingering_connections_stays_within_the_bounds(start_server
         socks.append(sock)
     stop = threading.Event()
 
-    def trickle() -> None:
-        while not stop.wait(0.3):
-            for sock in socks:
-                try:
-                    sock.send(b"t")
-                except OSError:
-                    pass
-
-    threading.Thread(target=trickle, daemon=True).start()
+    threading.Thread(target=trickle, args=(socks, stop), daemon=True).start()
     try:
         started = time.monotonic()
         server.signal(signal.SIGTERM)
