@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from graceful_close.launch import ServerProcess
-from graceful_close.scenarios import Target, early_response_upload, pipelined_after_close
+from graceful_close.diagnostics.launch import ServerProcess
+from graceful_close.diagnostics.scenarios import Target, early_response_upload, pipelined_after_close
 
 from .plan import Plan
 from .throughput import alternating

@@ -1,7 +1,7 @@
-"""Load patterns built on graceful_close.wire: a crowd of never-closing clients and
+"""Load patterns built on graceful_close.diagnostics.wire: a crowd of never-closing clients and
 a normal client that measures request latency.
 
-The crowd is the never_closing scenario of graceful_close.scenarios at scale:
+The crowd is the never_closing scenario of graceful_close.diagnostics.scenarios at scale:
 each client sends a request with Connection: close, reads its response and the
 server's EOF, and never closes. One selector thread reads for all of them, so a
 thousand such clients cost the benchmark process almost no CPU (one thread per
@@ -17,8 +17,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from graceful_close.scenarios import Target
-from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
+from graceful_close.diagnostics.scenarios import Target
+from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 
 
 class NeverClosingCrowd:

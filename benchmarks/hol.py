@@ -7,8 +7,8 @@ import statistics
 import threading
 import time
 
-from graceful_close.launch import ServerProcess
-from graceful_close.scenarios import Target
+from graceful_close.diagnostics.launch import ServerProcess
+from graceful_close.diagnostics.scenarios import Target
 
 from .crowd import NeverClosingCrowd, measure_latency, percentile
 from .plan import Plan

@@ -187,7 +187,7 @@ def _census(targets: dict, plan: dict) -> list[str]:
 def _correctness(targets: dict, plan: dict) -> list[str]:
     lines = ["### 6. Correctness under load", "",
              f"{plan['correctness_clients']} clients at once run each scenario of "
-             "graceful_close.scenarios: `pipelined_after_close` (a 2,000,000-byte response with "
+             "graceful_close.diagnostics.scenarios: `pipelined_after_close` (a 2,000,000-byte response with "
              "Connection: close, 5 requests pipelined behind it) and `early_response_upload` "
              f"(a {plan['upload_size'] // 2**20} MiB upload answered early by a 1,000,000-byte 413).",
              "", "| worker / protocol | scenario | stock intact | stock endings | graceful intact "

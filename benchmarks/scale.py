@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from graceful_close.scenarios import Target
+from graceful_close.diagnostics.scenarios import Target
 
 from .crowd import NeverClosingCrowd, measure_latency
 from .observe import fd_count, rss_bytes, tcp_state_counts, worker_pid

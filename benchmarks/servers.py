@@ -1,6 +1,6 @@
 """The servers under test: each supported worker/protocol, stock and graceful.
 
-Servers are started with graceful_close.launch; this module only decides the
+Servers are started with graceful_close.diagnostics.launch; this module only decides the
 command-line arguments and the GRACEFUL_CLOSE_* environment of each variant.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from graceful_close.launch import (GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess,
+from graceful_close.diagnostics.launch import (GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess,
                                    gunicorn_server, uvicorn_server)
 
-WSGI_APP = "graceful_close.sample_apps:wsgi_app"
-ASGI_APP = "graceful_close.sample_apps:asgi_app"
+WSGI_APP = "graceful_close.diagnostics.sample_apps:wsgi_app"
+ASGI_APP = "graceful_close.diagnostics.sample_apps:asgi_app"
 VARIANTS = ("stock", "graceful")
 GTHREAD_THREADS = "4"
 

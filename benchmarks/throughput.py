@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from graceful_close.launch import ServerProcess
+from graceful_close.diagnostics.launch import ServerProcess
 
 from .observe import ForeignLoad, cpu_and_switches, worker_pid
 from .plan import Plan

@@ -20,7 +20,7 @@ PROTOCOL = "graceful_close.uvicorn:AutoHTTPProtocol"  # httptools if installed, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("app", nargs="?", default="graceful_close.sample_apps:asgi_app",
+    parser.add_argument("app", nargs="?", default="graceful_close.diagnostics.sample_apps:asgi_app",
                         help="ASGI app as module:attribute (default: the sample app)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

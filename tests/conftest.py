@@ -1,6 +1,6 @@
 import pytest
 
-from graceful_close.launch import ServerProcess
+from graceful_close.diagnostics.launch import ServerProcess
 
 
 @pytest.fixture

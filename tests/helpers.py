@@ -10,10 +10,10 @@ import time
 
 import psutil
 
-from graceful_close.wire import ConnectionEnded, Response, ResponseReader, request_bytes
+from graceful_close.diagnostics.wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
-SAMPLE_WSGI = "graceful_close.sample_apps:wsgi_app"
-SAMPLE_ASGI = "graceful_close.sample_apps:asgi_app"
+SAMPLE_WSGI = "graceful_close.diagnostics.sample_apps:wsgi_app"
+SAMPLE_ASGI = "graceful_close.diagnostics.sample_apps:asgi_app"
 
 
 def tcp_states(port: int) -> list[str]:

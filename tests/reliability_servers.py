@@ -1,7 +1,7 @@
 """Servers and small client helpers shared by the tests/test_reliability_*.py suite.
 
 Each reliability test runs against our gunicorn ThreadWorker and our uvicorn
-httptools protocol (both started with graceful_close.launch) and skips with the
+httptools protocol (both started with graceful_close.diagnostics.launch) and skips with the
 reason when one of those classes is not importable yet.
 """
 
@@ -16,10 +16,10 @@ from collections.abc import Iterator, Sequence
 import psutil
 import pytest
 
-from graceful_close.launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess
-from graceful_close.launch import gunicorn_server, uvicorn_server
-from graceful_close.scenarios import collect_responses
-from graceful_close.wire import Response, ResponseReader, request_bytes
+from graceful_close.diagnostics.launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess
+from graceful_close.diagnostics.launch import gunicorn_server, uvicorn_server
+from graceful_close.diagnostics.scenarios import collect_responses
+from graceful_close.diagnostics.wire import Response, ResponseReader, request_bytes
 from tests.helpers import SAMPLE_ASGI, SAMPLE_WSGI
 
 KINDS = ("gthread", "httptools")

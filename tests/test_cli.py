@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from graceful_close.cli import main
+from graceful_close.diagnostics.cli import main
 
 SCRIPT = Path(sys.executable).with_name("graceful-close")
 

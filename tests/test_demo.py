@@ -8,7 +8,7 @@ import time
 import pytest
 from rich.console import Console
 
-from graceful_close.demo import render_demo, run_demo
+from graceful_close.diagnostics.demo import render_demo, run_demo
 
 
 @pytest.mark.slow

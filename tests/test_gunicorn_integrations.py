@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from graceful_close.launch import ServerProcess, gunicorn_server
-from graceful_close.scenarios import Target, early_response_upload
-from graceful_close.wire import Response
+from graceful_close.diagnostics.launch import ServerProcess, gunicorn_server
+from graceful_close.diagnostics.scenarios import Target, early_response_upload
+from graceful_close.diagnostics.wire import Response
 from tests.helpers import exchange_on_one_connection
 
 INTEGRATIONS = Path(__file__).resolve().parent.parent / "integrations"

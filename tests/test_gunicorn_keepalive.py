@@ -19,9 +19,9 @@ import httpx
 import pytest
 import requests
 
-from graceful_close.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
-from graceful_close.scenarios import Target, pipelined
-from graceful_close.wire import Response, ResponseReader, request_bytes
+from graceful_close.diagnostics.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
+from graceful_close.diagnostics.scenarios import Target, pipelined
+from graceful_close.diagnostics.wire import Response, ResponseReader, request_bytes
 from tests.helpers import exchange_on_one_connection, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from graceful_close.core import Counters
-from graceful_close.lingerer import Lingerer
+from graceful_close.engines.threaded import Lingerer
 from graceful_close.settings import Settings
 from tests.helpers import wait_until
 

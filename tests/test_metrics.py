@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from graceful_close.launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, gunicorn_server, uvicorn_server
-from graceful_close.probe_clients import upload
-from graceful_close.scenarios import Target, never_closing, pipelined_after_close
+from graceful_close.diagnostics.launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, gunicorn_server, uvicorn_server
+from graceful_close.diagnostics.probe_clients import upload
+from graceful_close.diagnostics.scenarios import Target, never_closing, pipelined_after_close
 from tests.helpers import SAMPLE_WSGI, wait_until, worker_pids
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -53,7 +53,7 @@ def run_scenarios(port: int) -> None:
 def test_gunicorn_workers_summed_by_master_collector(start_server, tmp_path: Path,
                                                      ours: bool) -> None:
     conf = tmp_path / "gunicorn.conf.py"
-    conf.write_text("from graceful_close.prometheus import when_ready, child_exit  # noqa: F401\n")
+    conf.write_text("from graceful_close.metrics.prometheus import when_ready, child_exit  # noqa: F401\n")
     stock, graceful = GUNICORN_WORKERS["gthread"]
     env = {**SHORT_LINGER, "GRACEFUL_CLOSE_METRICS_PORT": "0",
            "GRACEFUL_CLOSE_METRICS_DIR": str(tmp_path / "metrics")}
@@ -98,8 +98,8 @@ def test_gunicorn_workers_summed_by_master_collector(start_server, tmp_path: Pat
 
 ASGI_WITH_METRICS = """
 from prometheus_client import make_asgi_app
-from graceful_close.prometheus import register
-from graceful_close.sample_apps import asgi_app
+from graceful_close.metrics.prometheus import register
+from graceful_close.diagnostics.sample_apps import asgi_app
 
 register()  # this process's own counters
 metrics = make_asgi_app()
@@ -148,12 +148,12 @@ def test_metrics_command_beside_multiprocess_uvicorn(start_server, tmp_path: Pat
     import sys
 
     directory = tmp_path / "metrics"
-    server = start_server(uvicorn_server("graceful_close.sample_apps:asgi_app",
+    server = start_server(uvicorn_server("graceful_close.diagnostics.sample_apps:asgi_app",
                                          UVICORN_PROTOCOLS["httptools"][1],
                                          args=["--workers", "2", "--timeout-keep-alive", "1"],
                                          env={**SHORT_LINGER,
                                               "GRACEFUL_CLOSE_METRICS_DIR": str(directory)}))
-    sidecar = subprocess.Popen([sys.executable, "-m", "graceful_close.cli", "metrics", "--dir",
+    sidecar = subprocess.Popen([sys.executable, "-m", "graceful_close.diagnostics.cli", "metrics", "--dir",
                                 str(directory), "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
         url = METRICS_LINE.search(sidecar.stdout.readline()).group(1)

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from graceful_close.core import Counters
-from graceful_close.launch import ServerProcess
+from graceful_close.diagnostics.launch import ServerProcess
 from graceful_close.middleware import KeepAliveMiddleware
-from graceful_close.scenarios import Target, pipelined, pipelined_after_close
+from graceful_close.diagnostics.scenarios import Target, pipelined, pipelined_after_close
 from graceful_close.settings import SettingsError
-from graceful_close.wire import ResponseReader, request_bytes
+from graceful_close.diagnostics.wire import ResponseReader, request_bytes
 from tests.uvicorn_servers import REPO, Fleet
 
 LEGACY_UA = "Mozilla/4.0 (compatible; MSIE 5.5; Windows 98)"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from graceful_close.launch import (GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess,
+from graceful_close.diagnostics.launch import (GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess,
                                    gunicorn_server, uvicorn_server)
 from tests.helpers import SAMPLE_ASGI, SAMPLE_WSGI
 
@@ -25,7 +25,7 @@ SHORT_KEEPALIVE = "1"
 
 def probe(port: int, *options: str, scheme: str = "http") -> tuple[int, dict, str]:
     """Run the installed command; (exit status, JSON report, stderr)."""
-    done = subprocess.run([sys.executable, "-m", "graceful_close.cli", "probe",
+    done = subprocess.run([sys.executable, "-m", "graceful_close.diagnostics.cli", "probe",
                            f"{scheme}://127.0.0.1:{port}/", "--big-path", BIG,
                            "--upload-path", UPLOAD, "--json", *options],
                           capture_output=True, text=True, timeout=90)
@@ -96,7 +96,7 @@ def test_probe_gthread_upload_drain_and_request_cap(start_server, ours: bool) ->
 
 def test_probe_table_for_people(uvicorn_httptools) -> None:
     """Without --json: a readable table and a summary line; exit status as with --json."""
-    done = subprocess.run([sys.executable, "-m", "graceful_close.cli", "probe",
+    done = subprocess.run([sys.executable, "-m", "graceful_close.diagnostics.cli", "probe",
                            f"http://127.0.0.1:{uvicorn_httptools.port}/", "--big-path", BIG,
                            "--only", "close-pipeline"],
                           capture_output=True, text=True, timeout=60)

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from graceful_close.scenarios import Target, trickling
-from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
+from graceful_close.diagnostics.scenarios import Target, trickling
+from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 from tests.helpers import count_state, fd_count, wait_until
 from tests.reliability_servers import (KINDS, LINGER_TIME, LINGER_TIMEOUT, exchange, get_ok,
                                        linger_env, make_server, module_server, reset_close,

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
+from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 from tests.helpers import count_state, fd_count, wait_until
 from tests.reliability_servers import (KINDS, LINGER_TIME, get_ok, linger_env, make_server,
                                        reset_close, so_error, worker_pid)

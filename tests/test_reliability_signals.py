@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
+from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 from tests.reliability_servers import get_ok, linger_env, make_server, so_error, worker_pid
 
 GRACEFUL_TIMEOUT = 4

@@ -56,7 +56,7 @@ def run_server():
 
 
 def states(*args: str) -> tuple[int, str, str]:
-    done = subprocess.run([sys.executable, "-m", "graceful_close.cli", "states", *args],
+    done = subprocess.run([sys.executable, "-m", "graceful_close.diagnostics.cli", "states", *args],
                           capture_output=True, text=True, timeout=30)
     return done.returncode, done.stdout, done.stderr
 
@@ -120,7 +120,7 @@ def test_ipv6_sockets_are_decoded() -> None:
     except OSError:
         pytest.skip("no ::1 here")
     with server:
-        from graceful_close.states import kernel_sockets
+        from graceful_close.diagnostics.states import kernel_sockets
 
         port = server.getsockname()[1]
         mine = [s for s in kernel_sockets() or [] if s.local_port == port]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from graceful_close.aio_lingerer import AioLingerer, Linger
+from graceful_close.engines.aio import AioLingerer, Linger
 from graceful_close.core import Counters
 from graceful_close.settings import Settings
 

@@ -11,8 +11,8 @@ import pytest
 import uvicorn
 
 from graceful_close import uvicorn as graceful_uvicorn
-from graceful_close.sample_apps import asgi_app
-from graceful_close.scenarios import Target, pipelined_after_close
+from graceful_close.diagnostics.sample_apps import asgi_app
+from graceful_close.diagnostics.scenarios import Target, pipelined_after_close
 
 
 @pytest.mark.parametrize("protocol", [graceful_uvicorn.AutoHTTPProtocol,

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from graceful_close.wire import ConnectionEnded, Response, ResponseReader, request_bytes
+from graceful_close.diagnostics.wire import ConnectionEnded, Response, ResponseReader, request_bytes
 from tests.uvicorn_servers import TEST_APP, Fleet
 
 HTTPS = ("httptools", "h11")

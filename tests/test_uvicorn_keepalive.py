@@ -17,8 +17,8 @@ import httpx
 import pytest
 import requests
 
-from graceful_close.scenarios import ScenarioResult, Target, pipelined
-from graceful_close.wire import ResponseReader, request_bytes
+from graceful_close.diagnostics.scenarios import ScenarioResult, Target, pipelined
+from graceful_close.diagnostics.wire import ResponseReader, request_bytes
 from tests.helpers import count_state, tcp_states
 from tests.uvicorn_servers import LINGER_TIME, TEST_APP, Fleet, make_server
 

@@ -21,8 +21,8 @@ import time
 import pytest
 import requests
 
-from graceful_close.scenarios import never_closing, trickling
-from graceful_close.wire import ConnectionEnded, ResponseReader, request_bytes
+from graceful_close.diagnostics.scenarios import never_closing, trickling
+from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 from tests.helpers import SAMPLE_ASGI, count_state, fd_count, tcp_states, trickle, wait_until
 from tests.uvicorn_servers import LINGER_TIME, LINGER_TIMEOUT, Fleet, make_server
 

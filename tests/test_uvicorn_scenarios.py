@@ -14,14 +14,14 @@ import tempfile
 
 import pytest
 
-from graceful_close.scenarios import (
+from graceful_close.diagnostics.scenarios import (
     ScenarioResult,
     Target,
     early_response_upload,
     pipelined,
     pipelined_after_close,
 )
-from graceful_close.wire import request_bytes
+from graceful_close.diagnostics.wire import request_bytes
 from tests.helpers import wait_until
 from tests.uvicorn_servers import Fleet
 

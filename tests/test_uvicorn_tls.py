@@ -13,7 +13,7 @@ import ssl
 import pytest
 import trustme
 
-from graceful_close.scenarios import Target, never_closing, pipelined_after_close
+from graceful_close.diagnostics.scenarios import Target, never_closing, pipelined_after_close
 from tests.uvicorn_servers import LINGER_TIME, TLSServerProcess, tls_server
 
 BIG = 2_000_000

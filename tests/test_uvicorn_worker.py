@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from graceful_close.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
-from graceful_close.scenarios import Target, early_response_upload, pipelined_after_close
-from graceful_close.wire import ResponseReader, request_bytes
+from graceful_close.diagnostics.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
+from graceful_close.diagnostics.scenarios import Target, early_response_upload, pipelined_after_close
+from graceful_close.diagnostics.wire import ResponseReader, request_bytes
 from tests.helpers import SAMPLE_ASGI, count_state, tcp_states, trickle, wait_until, worker_pids
 from tests.uvicorn_servers import LINGER_TIME, SHORT
 

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from graceful_close.middleware import KeepAliveMiddleware
-from graceful_close.sample_apps import asgi_app
+from graceful_close.diagnostics.sample_apps import asgi_app
 
 PLAIN_CAP = 10
 

@@ -11,8 +11,8 @@ import ssl
 import time
 from pathlib import Path
 
-from graceful_close.launch import UVICORN_PROTOCOLS, ServerProcess, uvicorn_server
-from graceful_close.scenarios import Target
+from graceful_close.diagnostics.launch import UVICORN_PROTOCOLS, ServerProcess, uvicorn_server
+from graceful_close.diagnostics.scenarios import Target
 from tests.helpers import SAMPLE_ASGI
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,10 +31,10 @@ import gunicorn.util
 from gunicorn.http import parser as gunicorn_parser
 from gunicorn.workers import gthread, sync
 
-from . import metrics
-from .core.keepalive import KeepAliveDecision, KeepAlivePolicy
-from .lingerer import Lingerer, process_lingerer
-from .settings import Settings, SettingsError
+from .. import metrics
+from ..core.keepalive import KeepAliveDecision, KeepAlivePolicy
+from ..engines.threaded import Lingerer, process_lingerer
+from ..settings import Settings, SettingsError
 
 __all__ = ["SyncWorker", "ThreadWorker", "UvicornWorker", "configure", "current_settings"]
 
@@ -85,7 +85,7 @@ def __getattr__(name: str) -> Any:
     # gunicorn resolves "-k graceful_close.gunicorn.UvicornWorker" with getattr:
     # importing this module must not import uvicorn.
     if name == "UvicornWorker":
-        from .uvicorn_worker import UvicornWorker
+        from ..uvicorn.worker import UvicornWorker
 
         return UvicornWorker
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

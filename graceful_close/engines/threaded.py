@@ -17,9 +17,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .core.counters import PROCESS_COUNTERS, Counters
-from .core.linger import Ending, LingerState
-from .settings import Settings
+from ..core.counters import PROCESS_COUNTERS, Counters
+from ..core.linger import Ending, LingerState
+from ..settings import Settings
 from .sockets import close_for, half_close
 
 log = logging.getLogger("graceful_close")

@@ -20,8 +20,8 @@ from .console import table_console
 from .probe import FAIL, PASS, ProbeConfig, ProbeReport, Verdict, run_probe
 from .scenarios import Target, never_closing, timed_request
 
-SAMPLE_WSGI = "graceful_close.sample_apps:wsgi_app"
-SAMPLE_ASGI = "graceful_close.sample_apps:asgi_app"
+SAMPLE_WSGI = "graceful_close.diagnostics.sample_apps:wsgi_app"
+SAMPLE_ASGI = "graceful_close.diagnostics.sample_apps:asgi_app"
 KEEPALIVE_SECONDS = "1"          # short keep-alive so the idle scenario takes ~2 s
 OUR_ENV = {"GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "100"}  # shows a request cap ending in FIN
 BIG_PATH = "/big?close=1&size=2000000"

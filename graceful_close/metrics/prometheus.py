@@ -9,7 +9,7 @@ Two ways to count:
   $GRACEFUL_CLOSE_METRICS_DIR (graceful_close.metrics); the collector in the
   master sums them. In gunicorn.conf.py:
 
-      from graceful_close.prometheus import when_ready, child_exit  # noqa: F401
+      from graceful_close.metrics.prometheus import when_ready, child_exit  # noqa: F401
 
   when_ready (master, before workers fork) creates the directory if the variable
   is unset, clears stale snapshots, registers the collector and serves /metrics on
@@ -35,9 +35,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .core.counters import PROCESS_COUNTERS
-from .core.linger import EndReason
-from .metrics import METRICS_DIR_ENV
+from ..core.counters import PROCESS_COUNTERS
+from ..core.linger import EndReason
+from . import METRICS_DIR_ENV
 
 try:
     import fcntl

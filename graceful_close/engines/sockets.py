@@ -7,7 +7,7 @@ import socket
 import struct
 import sys
 
-from .core.linger import Ending
+from ..core.linger import Ending
 
 try:  # Linux: SIOCOUTQ == TIOCOUTQ, bytes written but not yet acknowledged by the peer.
     import termios

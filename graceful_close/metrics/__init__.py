@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from .core.counters import PROCESS_COUNTERS, Counters
+from ..core.counters import PROCESS_COUNTERS, Counters
 
 METRICS_DIR_ENV = "GRACEFUL_CLOSE_METRICS_DIR"
 SNAPSHOT_INTERVAL = 1.0

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__
+from .. import __version__
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -189,7 +189,7 @@ def run_states_command(args: argparse.Namespace) -> int:
 
 
 def run_metrics_command(args: argparse.Namespace) -> int:
-    from .prometheus import register, serve
+    from ..metrics.prometheus import register, serve
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"graceful-close metrics: --port {args.port} is out of range 0..65535")
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "pip install 'graceful-close[diagnostics]'")
     except Exception as exc:  # noqa: BLE001 - known errors become one line, see below
         from .probe import ProbeError
-        from .settings import SettingsError
+        from ..settings import SettingsError
         from .states import CensusError
 
         if isinstance(exc, (ProbeError, CensusError, SettingsError)):

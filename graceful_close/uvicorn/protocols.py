@@ -7,7 +7,7 @@
 uvicorn closes with transport.close() in a dozen places (Connection: close,
 HTTP/1.0, 400, 500, 503, keep-alive timeout, shutdown). These classes give the
 stock protocol a transport wrapper whose close() starts a lingering close in
-graceful_close.aio_lingerer instead, and route what the client still sends to
+graceful_close.engines.aio instead, and route what the client still sends to
 that engine, so uvicorn's parser never sees it. They also apply the keep-alive
 policy (request cap, connection age, User-Agent rules) and re-arm the
 keep-alive timer after an early response's unread body has been discarded.
@@ -26,10 +26,10 @@ from typing import Any
 
 from uvicorn.protocols.http import h11_impl
 
-from . import metrics
-from .aio_lingerer import Linger, aio_lingerer
-from .core.keepalive import KeepAliveDecision, KeepAlivePolicy
-from .settings import Settings, SettingsError
+from .. import metrics
+from ..engines.aio import Linger, aio_lingerer
+from ..core.keepalive import KeepAliveDecision, KeepAlivePolicy
+from ..settings import Settings, SettingsError
 
 try:
     from uvicorn.protocols.http import httptools_impl

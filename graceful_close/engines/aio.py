@@ -20,9 +20,9 @@ import struct
 import weakref
 from collections import OrderedDict
 
-from .core.counters import PROCESS_COUNTERS, Counters
-from .core.linger import Ending, LingerState
-from .settings import Settings
+from ..core.counters import PROCESS_COUNTERS, Counters
+from ..core.linger import Ending, LingerState
+from ..settings import Settings
 from .sockets import can_abort_safely
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)

@@ -1,0 +1,84 @@
+"""gunicorn worker running uvicorn with the lingering-close protocols.
+
+    gunicorn -k graceful_close.uvicorn_worker.UvicornWorker app:app
+    gunicorn -k graceful_close.gunicorn.UvicornWorker app:app       # the same class
+
+Built on the `uvicorn-worker` package's UvicornWorker. What changes:
+- the protocol: graceful_close.uvicorn's (httptools when installed, else h11);
+- settings are validated in gunicorn's master (one-line error);
+- uvicorn's stop is bounded inside gunicorn's --graceful-timeout;
+- SIGQUIT (gunicorn's quick stop) stops uvicorn; stock ignored it until SIGKILL;
+- the counters are flushed (snapshot, summary line) when the worker exits.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Any
+
+from uvicorn_worker import UvicornWorker as _StockUvicornWorker
+
+from .. import metrics
+
+# gunicorn SIGKILLs a worker graceful_timeout seconds after SIGTERM; uvicorn must be
+# done (requests finished, lingering connections ended) a little before that.
+GRACEFUL_MARGIN = 1.0
+
+
+class UvicornWorker(_StockUvicornWorker):
+    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto",
+                                     "http": "graceful_close.uvicorn:AutoHTTPProtocol"}
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Runs in gunicorn's master: a bad GRACEFUL_CLOSE_* value stops it with one line,
+        instead of every worker failing to boot."""
+        from . import protocols as _protocols  # reads and validates the settings
+
+        settings = _protocols.current_settings()
+        log.info(settings.describe())
+        parent = getattr(super(), "check_config", None)
+        if parent is not None:
+            parent(cfg, log)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.config.timeout_graceful_shutdown is None:
+            graceful = float(self.cfg.graceful_timeout)
+            self.config.timeout_graceful_shutdown = max(graceful - GRACEFUL_MARGIN, graceful / 2)
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        # uvicorn re-raises SIGTERM/SIGINT once it has stopped, and with the default action
+        # the worker dies before any `finally`: flush the counters on the way out instead.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _flush_then_die)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn-worker's SIGQUIT handler (gunicorn's quick stop, and what SIGINT to the
+        arbiter sends): the stock one only clears self.alive, which uvicorn never reads, so
+        the worker ran on until gunicorn's SIGKILL. Stop uvicorn as on SIGINT."""
+        super().handle_exit(sig, frame)
+        signal.raise_signal(signal.SIGINT)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            metrics.flush_at_worker_exit()
+
+
+def _flush_then_die(sig: int, frame: FrameType | None) -> None:
+    metrics.flush_at_worker_exit()
+    signal.signal(sig, signal.SIG_DFL)
+    signal.raise_signal(sig)
+
+
+class UvicornH11Worker(UvicornWorker):
+    """The h11 protocol on the asyncio loop (pure Python, like uvicorn-worker's)."""
+
+    CONFIG_KWARGS = {"loop": "asyncio", "http": "graceful_close.uvicorn:H11Protocol"}
+
+
+__all__ = ["UvicornH11Worker", "UvicornWorker"]
