@@ -3,12 +3,20 @@
 Keyword arguments win over the environment; the environment wins over defaults.
 Every bad value raises SettingsError whose message is one line naming the
 setting, the value and the accepted range.
+
+One path for every server: configure(**kwargs) validates, keeps the result for this
+process and writes it back to os.environ as GRACEFUL_CLOSE_* variables. Forked
+workers inherit the module state, and workers a server *spawns* (uvicorn --workers,
+multiprocessing's spawn) inherit the environment, so both see the same settings.
+current_settings() is what every adapter reads; startup_settings() is the same
+for a server's start-up, where a bad value must end the process with one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -18,6 +26,11 @@ from typing import Any
 ENV_PREFIX = "GRACEFUL_CLOSE_"
 MAX_SECONDS = 86400.0
 UA_PRESETS = ("legacy", "msie6", "safari", "none")
+# GRACEFUL_CLOSE_* variables that are not settings (read by graceful_close.metrics).
+OTHER_ENV = frozenset({"METRICS_DIR", "METRICS_PORT", "METRICS_ADDR"})
+_INT_FIELDS = frozenset({"linger_max_bytes", "max_lingering", "keepalive_requests"})
+
+log = logging.getLogger("graceful_close")
 
 
 class SettingsError(ValueError):
@@ -79,7 +92,25 @@ class Settings:
             raise SettingsError(f"graceful-close: unknown setting(s) {names}; "
                                 f"known: {', '.join(f.name for f in dataclasses.fields(cls))}")
         values.update(overrides)
-        return cls(**values)
+        settings = cls(**values)
+        _warn_once(environ, settings)
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as GRACEFUL_CLOSE_* variables; from_env() of them gives them back."""
+        env = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                text = "none"
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = json.dumps(list(value))
+            else:
+                text = repr(value)
+            env[ENV_PREFIX + field.name.upper()] = text
+        return env
 
     def describe(self) -> str:
         """The startup log line of a server using these settings."""
@@ -141,9 +172,72 @@ def _parse_env(name: str, raw: str) -> Any:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     if name == "linger_max_bytes" and text.lower() in {"", "none"}:
         return None
-    try:
-        if name in {"linger_max_bytes", "max_lingering", "keepalive_requests"}:
+    if name in _INT_FIELDS:
+        try:
             return int(text)
+        except ValueError:
+            raise _fail(env_name, raw, "an integer") from None
+    try:
         return float(text)
     except ValueError:
         raise _fail(env_name, raw, "a number") from None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(environ: Mapping[str, str], settings: Settings) -> None:
+    """Settings that are valid but probably not what was meant: one warning each per process."""
+    known = {f.name.upper() for f in dataclasses.fields(Settings)} | OTHER_ENV
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):] not in known)
+    if unknown and "unknown" not in _warned:
+        _warned.add("unknown")
+        log.warning("graceful-close: ignoring unknown variable(s) %s; known: %s", ", ".join(unknown),
+                    ", ".join(ENV_PREFIX + n for n in sorted(known)))
+    if settings.linger_timeout > settings.linger_time and "timeouts" not in _warned:
+        _warned.add("timeouts")
+        log.warning("graceful-close: linger_timeout=%g is longer than linger_time=%g; "
+                    "linger_time bounds every lingering close", settings.linger_timeout,
+                    settings.linger_time)
+
+
+_current: Settings | None = None
+
+
+def configure(**kwargs: Any) -> Settings:
+    """Set this process's settings (keyword arguments win over GRACEFUL_CLOSE_* variables)
+    and export them to os.environ, so that forked and spawned workers get the same.
+
+    For gunicorn.conf.py and `if __name__ == "__main__":` blocks: a bad value ends the
+    process with its one-line message instead of a traceback.
+    """
+    global _current
+    try:
+        settings = Settings.from_env(**kwargs)
+    except SettingsError as exc:
+        raise SystemExit(str(exc)) from None
+    os.environ.update(settings.to_env())
+    _current = settings
+    return settings
+
+
+def current_settings() -> Settings:
+    """The configured settings, else those of the environment (raises SettingsError)."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current
+
+
+def startup_settings() -> Settings:
+    """current_settings() for a server's start-up: a bad value exits with one line."""
+    try:
+        return current_settings()
+    except SettingsError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def reset_for_tests() -> None:
+    """Forget configured settings (tests that configure more than once in one process)."""
+    global _current
+    _current = None

@@ -2,7 +2,7 @@
 
 from .counters import PROCESS_COUNTERS, Counters
 from .keepalive import CloseReason, KeepAliveDecision, KeepAlivePolicy, UserAgentRules
-from .linger import EndReason, Ending, LingerState
+from .linger import Ending, EndReason, LingerState
 
 __all__ = [
     "PROCESS_COUNTERS", "CloseReason", "Counters", "EndReason", "Ending", "KeepAliveDecision",

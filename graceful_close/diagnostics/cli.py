@@ -229,9 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         return _fail(f"graceful-close: missing dependency {exc.name or exc}: "
                      "pip install 'graceful-close[diagnostics]'")
-    except Exception as exc:  # noqa: BLE001 - known errors become one line, see below
-        from .probe import ProbeError
+    except Exception as exc:
         from ..settings import SettingsError
+        from .probe import ProbeError
         from .states import CensusError
 
         if isinstance(exc, (ProbeError, CensusError, SettingsError)):

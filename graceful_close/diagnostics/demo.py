@@ -15,8 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess, gunicorn_server, uvicorn_server
 from .console import table_console
+from .launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess, gunicorn_server, uvicorn_server
 from .probe import FAIL, PASS, ProbeConfig, ProbeReport, Verdict, run_probe
 from .scenarios import Target, never_closing, timed_request
 
@@ -165,7 +165,7 @@ def run_one(server: DemoServer) -> DemoRow:
                                            upload_size=UPLOAD_SIZE, idle_max=5.0,
                                            drain_time=DRAIN_WINDOW, timeout=10.0))
         row.worst_stall, row.normal_requests = worst_stall(proc.port)
-    except Exception as exc:  # noqa: BLE001 - a row that could not run says why, the rest goes on
+    except Exception as exc:
         first = str(exc).strip().splitlines()
         row.error = first[0] if first else type(exc).__name__
     finally:

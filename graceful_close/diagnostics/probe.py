@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-from .console import table_console
 from . import probe_clients as clients
+from .console import table_console
 from .scenarios import Target
 
 SCENARIOS = ("pipeline", "close-pipeline", "idle", "upload", "drain")

@@ -99,7 +99,7 @@ def send_unread_upload(sock: socket.socket, target: Target, path: str, size: int
             sent += min(chunk_size, size - sent)
     except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
         return sent, "reset"
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return sent, "stalled"
     return sent, None
 

@@ -51,7 +51,7 @@ class ResponseReader:
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(262144)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise ConnectionEnded("TIMEOUT") from None
         except ssl.SSLEOFError:  # TCP FIN without TLS close_notify: still an orderly end
             self.ended = "FIN"

@@ -25,8 +25,8 @@ import time
 from typing import Any
 
 from ..core.keepalive import KeepAlivePolicy
-from . import current_settings
 from ..settings import SettingsError
+from . import current_settings
 
 __all__ = ["on_starting", "pre_request"]
 

@@ -194,7 +194,7 @@ class GracefulCloseCollector:
 def register(directory: str | Path | None = None, registry: Any = None) -> GracefulCloseCollector:
     """Register a collector with `registry` (prometheus_client's default REGISTRY)."""
     if registry is None:
-        from prometheus_client import REGISTRY as registry  # noqa: N811
+        from prometheus_client import REGISTRY as registry
     collector = GracefulCloseCollector(directory)
     registry.register(collector)
     return collector

@@ -27,8 +27,8 @@ from typing import Any
 from uvicorn.protocols.http import h11_impl
 
 from .. import metrics
-from ..engines.aio import Linger, aio_lingerer
 from ..core.keepalive import KeepAliveDecision, KeepAlivePolicy
+from ..engines.aio import Linger, aio_lingerer
 from ..settings import Settings, SettingsError
 
 try:
