@@ -19,7 +19,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .observe import cpu_and_switches, worker_pid
+from graceful_close.diagnostics.processes import worker_pid
+
+from .observe import cpu_and_switches
 from .servers import TARGETS, VARIANTS
 from .wrk import ensure_wrk, run_wrk
 

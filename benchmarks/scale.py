@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import time
 
+from graceful_close.diagnostics.processes import fd_count, tcp_state_counts, wait_until, worker_pid
 from graceful_close.diagnostics.scenarios import Target
 
 from .crowd import NeverClosingCrowd, measure_latency
-from .observe import fd_count, rss_bytes, tcp_state_counts, worker_pid
+from .observe import rss_bytes
 from .plan import Plan
 from .servers import VARIANTS, BenchTarget
 
 CENSUS_STATES = ("FIN-WAIT-2", "CLOSE-WAIT", "TIME-WAIT", "ESTAB", "FIN-WAIT-1", "LAST-ACK")
-
-
-def _wait(predicate, limit: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def _wait_stable(read, limit: float, quiet: float = 1.0) -> None:
@@ -62,14 +54,14 @@ def measure_rss(target: BenchTarget, plan: Plan, log=print, idle_stock: bool = F
         for _ in range(n):
             crowd.arrive()
         # Held: the worker has an fd for (nearly) every client and stopped gaining more.
-        held = _wait(lambda: fd_count(pid) - base_fds >= 0.99 * (n - crowd.connect_failures), 120)
+        held = wait_until(lambda: fd_count(pid) - base_fds >= 0.99 * (n - crowd.connect_failures), 120)
         fill_seconds = time.monotonic() - started
         _wait_stable(lambda: fd_count(pid), 10)
         rss, fds = rss_bytes(pid), fd_count(pid)
         states = tcp_state_counts(server.port)
         probe = measure_latency(addr, time.monotonic() + 1.0)
         crowd.close_all()
-        released = _wait(lambda: fd_count(pid) <= base_fds + 2, 120)
+        released = wait_until(lambda: fd_count(pid) <= base_fds + 2, 120)
         result = {
             "clients": n, "connect_failures": crowd.connect_failures, "eof_seen": crowd.eof,
             "all_held": held, "fill_seconds": fill_seconds,
@@ -95,7 +87,7 @@ def census_once(target: BenchTarget, variant: str, plan: Plan) -> dict:
         started = time.monotonic()
         crowd.arrive_at_rate(plan.census_clients, 100.0)
         expected = len(crowd.sockets)
-        served = _wait(lambda: crowd.answered >= expected, 120)
+        served = wait_until(lambda: crowd.answered >= expected, 120)
         served_after = time.monotonic() - started
         time.sleep(plan.census_after)
         server_side = tcp_state_counts(server.port, "server")

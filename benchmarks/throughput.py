@@ -5,12 +5,12 @@ from __future__ import annotations
 import statistics
 
 from graceful_close.diagnostics.launch import ServerProcess
+from graceful_close.diagnostics.processes import worker_pid
 
-from .observe import ForeignLoad, cpu_and_switches, worker_pid
+from .observe import ForeignLoad, cpu_and_switches
 from .plan import Plan
 from .servers import VARIANTS
 from .wrk import run_wrk
-
 
 # A run during which other processes used more than this many cores is repeated
 # (at most RETRIES times; the last try counts whatever the load).

@@ -1,41 +1,32 @@
-"""Observations of a running server from outside: socket states and open fds."""
+"""Test helpers: the sample apps, socket-state counts, lingering clients, one-connection exchanges.
+
+Observations of a server process (readiness, worker pids, fds, TCP states, wait_until) live in
+graceful_close.diagnostics.processes, shared with the benchmarks; they are re-exported here."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import threading
 import time
 
-import psutil
-
+from graceful_close.diagnostics.processes import (
+    fd_count,
+    tcp_state_counts,
+    tcp_states,
+    wait_until,
+    worker_pid,
+    worker_pids,
+)
 from graceful_close.diagnostics.wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
 SAMPLE_WSGI = "graceful_close.diagnostics.sample_apps:wsgi_app"
 SAMPLE_ASGI = "graceful_close.diagnostics.sample_apps:asgi_app"
-
-
-def tcp_states(port: int) -> list[str]:
-    """States of every TCP socket whose local port is `port`, from `ss -tan` (includes orphans)."""
-    out = subprocess.run(["ss", "-tanH", f"sport = :{port}"], capture_output=True, text=True,
-                         check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
+__all__ = ["SAMPLE_ASGI", "SAMPLE_WSGI", "count_state", "exchange_on_one_connection", "fd_count",
+           "tcp_states", "trickle", "wait_until", "worker_pid", "worker_pids"]
 
 
 def count_state(port: int, state: str) -> int:
-    return sum(1 for s in tcp_states(port) if s == state)
-
-
-def worker_pids(server_pid: int) -> list[int]:
-    """gunicorn's workers (children of the arbiter), or the uvicorn process itself."""
-    proc = psutil.Process(server_pid)
-    children = proc.children()
-    return [c.pid for c in children] or [server_pid]
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return tcp_state_counts(port)[state]
 
 
 def trickle(socks: list[socket.socket], stop: threading.Event, every: float = 0.3) -> None:
@@ -46,15 +37,6 @@ def trickle(socks: list[socket.socket], stop: threading.Event, every: float = 0.
                 sock.send(b"t")
             except OSError:
                 pass
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def exchange_on_one_connection(port: int, headers_per_request: list[dict[str, str]],

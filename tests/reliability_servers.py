@@ -1,8 +1,9 @@
 """Servers and small client helpers shared by the tests/test_reliability_*.py suite.
 
 Each reliability test runs against our gunicorn ThreadWorker and our uvicorn
-httptools protocol (both started with graceful_close.diagnostics.launch) and skips with the
-reason when one of those classes is not importable yet.
+httptools protocol (both started with graceful_close.diagnostics.launch). When one of
+our classes does not import, the tests FAIL with the reason: a broken import must
+never look like a green run.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import struct
 import time
 from collections.abc import Iterator, Sequence
 
-import psutil
 import pytest
 
-from graceful_close.diagnostics.launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess
-from graceful_close.diagnostics.launch import gunicorn_server, uvicorn_server
+from graceful_close.diagnostics.launch import (
+    GUNICORN_WORKERS,
+    UVICORN_PROTOCOLS,
+    ServerProcess,
+    gunicorn_server,
+    uvicorn_server,
+)
 from graceful_close.diagnostics.scenarios import collect_responses
 from graceful_close.diagnostics.wire import Response, ResponseReader, request_bytes
 from tests.helpers import SAMPLE_ASGI, SAMPLE_WSGI
@@ -37,20 +42,21 @@ def linger_env(**overrides: object) -> dict[str, str]:
 
 
 def missing(kind: str) -> str | None:
-    """Why our class for `kind` cannot be used yet, or None."""
+    """Why our class for `kind` cannot be imported, or None."""
     module, _, name = OURS[kind].replace(":", ".").rpartition(".")
     try:
         getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        return f"{OURS[kind]} is not importable yet ({exc})"
+        return f"{OURS[kind]} does not import ({exc.__class__.__name__}: {exc})"
     return None
 
 
 def make_server(kind: str, env: dict[str, str], args: Sequence[str] = (), ours: bool = True,
                 prefix: Sequence[str] = ()) -> ServerProcess:
     """A server (not started) with one worker; `prefix` runs it under e.g. prlimit."""
-    if ours and missing(kind):
-        pytest.skip(missing(kind))
+    reason = missing(kind) if ours else None
+    if reason:
+        pytest.fail(reason, pytrace=False)
     impl = OURS[kind] if ours else STOCK[kind]
     if kind == "httptools":
         server = uvicorn_server(SAMPLE_ASGI, impl, loop="asyncio", args=args, env=env)
@@ -66,12 +72,6 @@ def module_server(kind: str, env: dict[str, str], args: Sequence[str] = ()) -> I
     """Body of a module-scoped fixture: one started server for the whole module."""
     with make_server(kind, env, args) as server:
         yield server
-
-
-def worker_pid(server: ServerProcess) -> int:
-    """gunicorn's (single) worker, or the uvicorn process."""
-    children = psutil.Process(server.pid).children()
-    return children[0].pid if children else server.pid
 
 
 def exchange(port: int, payload: bytes, *, shut_wr: bool = True, timeout: float = 10.0,

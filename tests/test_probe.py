@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from graceful_close.diagnostics.launch import (GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess,
-                                   gunicorn_server, uvicorn_server)
+from graceful_close.diagnostics.launch import (
+    GUNICORN_WORKERS,
+    UVICORN_PROTOCOLS,
+    ServerProcess,
+    gunicorn_server,
+    uvicorn_server,
+)
 from tests.helpers import SAMPLE_ASGI, SAMPLE_WSGI
 
 BIG = "/big?close=1&size=2000000"
@@ -109,28 +114,6 @@ def test_probe_table_for_people(uvicorn_httptools) -> None:
         assert "PASS" in done.stdout and "no scenario failed" in done.stdout
 
 
-class _TLSServer(ServerProcess):
-    """launch.ServerProcess checks readiness in plain HTTP; this one speaks TLS."""
-
-    def _wait_accepting(self) -> None:
-        import socket
-        import time
-
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            try:
-                raw = socket.create_connection(("127.0.0.1", self.port), timeout=2)
-                with context.wrap_socket(raw) as sock:
-                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    if sock.recv(12).startswith(b"HTTP/1."):
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"TLS server never answered\n{self.log_text()}")
-
-
 def test_probe_over_tls_ours_passes_stock_fails_drain(tmp_path: Path) -> None:
     """https:// with --insecure (certificates from trustme). Over TLS stock uvicorn stops
     reading as soon as it closes; ours keeps draining (it cannot half-close on TLS)."""
@@ -138,11 +121,13 @@ def test_probe_over_tls_ours_passes_stock_fails_drain(tmp_path: Path) -> None:
     pem = tmp_path / "server.pem"
     trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
     stock, ours = UVICORN_PROTOCOLS["httptools"]
+    insecure = ssl.create_default_context()
+    insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
     outcomes = {}
     for name, http in (("stock", stock), ("ours", ours)):
         plain = uvicorn_server(SAMPLE_ASGI, http, args=["--ssl-keyfile", str(pem),
                                                          "--ssl-certfile", str(pem)])
-        with _TLSServer(plain.argv, plain.env) as server:
+        with ServerProcess(plain.argv, plain.env, tls=insecure) as server:
             outcomes[name] = probe(server.port, "--insecure", "--only", "close-pipeline,drain",
                                    "--drain-time", "2", scheme="https")
     (stock_status, stock_report, _), (our_status, our_report, err) = outcomes["stock"], outcomes["ours"]

@@ -18,10 +18,18 @@ import pytest
 
 from graceful_close.diagnostics.scenarios import Target, trickling
 from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
-from tests.helpers import count_state, fd_count, wait_until
-from tests.reliability_servers import (KINDS, LINGER_TIME, LINGER_TIMEOUT, exchange, get_ok,
-                                       linger_env, make_server, module_server, reset_close,
-                                       worker_pid)
+from tests.helpers import count_state, fd_count, wait_until, worker_pid
+from tests.reliability_servers import (
+    KINDS,
+    LINGER_TIME,
+    LINGER_TIMEOUT,
+    exchange,
+    get_ok,
+    linger_env,
+    make_server,
+    module_server,
+    reset_close,
+)
 
 H = b"Host: x\r\n"
 CLOSE = {"Connection": "close"}
@@ -35,12 +43,12 @@ def server(request):
 @pytest.fixture
 def survives(server):
     """The worker serves, keeps its pid and returns to its fd baseline after the test."""
-    pid = worker_pid(server)
+    pid = worker_pid(server.pid)
     assert get_ok(server.port)
     time.sleep(LINGER_TIMEOUT * 2)
     baseline = fd_count(pid)
     yield server
-    assert worker_pid(server) == pid, "the worker was replaced (it crashed)\n" + server.log_text()
+    assert worker_pid(server.pid) == pid, "the worker was replaced (it crashed)\n" + server.log_text()
     assert get_ok(server.port), "the worker stopped serving\n" + server.log_text()
     assert wait_until(lambda: fd_count(pid) <= baseline, LINGER_TIME + 5), (
         f"fd leak: {fd_count(pid)} open, baseline {baseline}")

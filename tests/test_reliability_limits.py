@@ -16,9 +16,16 @@ import time
 import pytest
 
 from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
-from tests.helpers import count_state, fd_count, wait_until
-from tests.reliability_servers import (KINDS, LINGER_TIME, get_ok, linger_env, make_server,
-                                       reset_close, so_error, worker_pid)
+from tests.helpers import count_state, fd_count, wait_until, worker_pid
+from tests.reliability_servers import (
+    KINDS,
+    LINGER_TIME,
+    get_ok,
+    linger_env,
+    make_server,
+    reset_close,
+    so_error,
+)
 
 CLOSE = {"Connection": "close"}
 
@@ -49,7 +56,7 @@ def test_twice_max_lingering_never_closing_clients_evicts_the_oldest(start_serve
     limit = 20
     server = start_server(make_server(kind, linger_env(max_lingering=limit, linger_timeout=30,
                                                        linger_time=60)))
-    pid = worker_pid(server)
+    pid = worker_pid(server.pid)
     assert get_ok(server.port)
     baseline = _settled_fds(pid)
     clients = [_answered_and_held(server.port) for _ in range(limit)]
@@ -65,7 +72,7 @@ def test_twice_max_lingering_never_closing_clients_evicts_the_oldest(start_serve
     assert evicted == list(range(limit)), f"evicted {evicted}; SO_ERROR per client {errors}"
     assert fd_count(pid) - baseline == limit, (fd_count(pid), baseline)
     assert get_ok(server.port), server.log_text()
-    assert worker_pid(server) == pid, server.log_text()
+    assert worker_pid(server.pid) == pid, server.log_text()
     for sock in clients:
         sock.close()
     assert wait_until(lambda: fd_count(pid) <= baseline, 5), (fd_count(pid), baseline)
@@ -120,7 +127,7 @@ def test_ten_thousand_mixed_connections_leak_nothing(start_server, kind: str) ->
     silent, partial) from 4 threads: every answer arrives, then the worker's fd count
     returns to its baseline and no socket of its port is left in CLOSE-WAIT."""
     server = start_server(make_server(kind, linger_env()))
-    pid = worker_pid(server)
+    pid = worker_pid(server.pid)
     assert get_ok(server.port)
     baseline = _settled_fds(pid)
     problems: list[str] = []
@@ -140,7 +147,7 @@ def test_ten_thousand_mixed_connections_leak_nothing(start_server, kind: str) ->
     assert wait_until(lambda: fd_count(pid) <= baseline, LINGER_TIME + 5), (
         f"fd leak: {fd_count(pid)} open, baseline {baseline}")
     assert count_state(server.port, "CLOSE-WAIT") == 0
-    assert worker_pid(server) == pid, server.log_text()
+    assert worker_pid(server.pid) == pid, server.log_text()
     assert get_ok(server.port)
 
 
@@ -159,7 +166,7 @@ def test_emfile_on_accept_the_worker_survives_and_recovers(start_server, kind: s
     nofile = 64
     server = start_server(make_server(kind, linger_env(linger_timeout=1),
                                       prefix=("prlimit", f"--nofile={nofile}:{nofile}", "--")))
-    pid = worker_pid(server)
+    pid = worker_pid(server.pid)
     assert get_ok(server.port)
     clients = []
     for _ in range(150):
@@ -177,6 +184,6 @@ def test_emfile_on_accept_the_worker_survives_and_recovers(start_server, kind: s
     log = server.log_text()
     for sock in clients:
         sock.close()
-    assert worker_pid(server) == pid, f"the worker died and was replaced\n{log[-3000:]}"
+    assert worker_pid(server.pid) == pid, f"the worker died and was replaced\n{log[-3000:]}"
     assert answered == len(clients), f"{answered}/{len(clients)} answered\n{log[-3000:]}"
     assert wait_until(lambda: get_ok(server.port, timeout=5), 20), log[-3000:]

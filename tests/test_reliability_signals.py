@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
-from tests.reliability_servers import get_ok, linger_env, make_server, so_error, worker_pid
+from tests.helpers import worker_pid
+from tests.reliability_servers import get_ok, linger_env, make_server, so_error
 
 GRACEFUL_TIMEOUT = 4
 UVICORN_LINGER_TIME = 3.0
@@ -97,7 +98,7 @@ def test_signal_with_in_flight_and_lingering_connections(start_server, kind: str
         args = []
         bound = UVICORN_LINGER_TIME + SLACK
     server = start_server(make_server(kind, env, args))
-    old_worker = worker_pid(server)
+    old_worker = worker_pid(server.pid)
     lingering = _lingering_clients(server.port)
     download = SlowDownload(server.port)
     download.start()
@@ -132,4 +133,4 @@ def test_signal_with_in_flight_and_lingering_connections(start_server, kind: str
         f"lingering clients not released: SO_ERROR {errors}")
     if sig == signal.SIGHUP:
         assert get_ok(server.port), server.log_text()
-        assert worker_pid(server) != old_worker
+        assert worker_pid(server.pid) != old_worker

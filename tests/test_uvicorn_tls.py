@@ -13,8 +13,9 @@ import ssl
 import pytest
 import trustme
 
+from graceful_close.diagnostics.launch import ServerProcess
 from graceful_close.diagnostics.scenarios import Target, never_closing, pipelined_after_close
-from tests.uvicorn_servers import LINGER_TIME, TLSServerProcess, tls_server
+from tests.uvicorn_servers import LINGER_TIME, tls_server
 
 BIG = 2_000_000
 FOLLOW = 20_000
@@ -36,7 +37,7 @@ def certs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(certs):
-    started: dict[tuple[str, str, str], TLSServerProcess] = {}
+    started: dict[tuple[str, str, str], ServerProcess] = {}
 
     def get(kind: str, http: str, loop: str) -> Target:
         key = (kind, http, loop)

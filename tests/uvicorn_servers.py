@@ -6,9 +6,7 @@ at the end of the module that owns it.
 
 from __future__ import annotations
 
-import socket
 import ssl
-import time
 from pathlib import Path
 
 from graceful_close.diagnostics.launch import UVICORN_PROTOCOLS, ServerProcess, uvicorn_server
@@ -58,30 +56,8 @@ class Fleet:
             server.stop()
 
 
-class TLSServerProcess(ServerProcess):
-    """launch.ServerProcess probes readiness in plain HTTP; this one speaks TLS."""
-
-    client_context: ssl.SSLContext
-
-    def _wait_accepting(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            try:
-                raw = socket.create_connection(("127.0.0.1", self.port), timeout=2)
-                with self.client_context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    if sock.recv(12).startswith(b"HTTP/1."):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"TLS server never answered on port {self.port}\n{self.log_text()}")
-
-
 def tls_server(kind: str, http: str, loop: str, certdir: Path,
-               client_context: ssl.SSLContext) -> TLSServerProcess:
+               client_context: ssl.SSLContext) -> ServerProcess:
     plain = make_server(kind, http, loop, args=("--ssl-keyfile", str(certdir / "key.pem"),
                                                 "--ssl-certfile", str(certdir / "cert.pem")))
-    server = TLSServerProcess(plain.argv, plain.env)
-    server.client_context = client_context
-    return server
+    return ServerProcess(plain.argv, plain.env, tls=client_context)

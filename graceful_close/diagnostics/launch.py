@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from .processes import wait_answering
 
 _PORT_LINE = re.compile(rb"(?:Listening at: |Uvicorn running on )https?://127\.0\.0\.1:(\d+)")
 
@@ -38,6 +40,7 @@ class ServerProcess:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log: bytearray = field(default_factory=bytearray)
+    tls: ssl.SSLContext | None = None  # the client side of a server started with TLS
 
     def start(self) -> ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
@@ -62,21 +65,8 @@ class ServerProcess:
         found.set()
 
     def _wait_accepting(self) -> None:
-        """gunicorn logs its port before its workers boot; wait for one to answer."""
-        import socket
-
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    sock.settimeout(2)
-                    if sock.recv(12).startswith(b"HTTP/1."):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server never answered on port {self.port}\n{self.log_text()}")
+        if not wait_answering(self.port, self.startup_timeout, self.tls):
+            raise RuntimeError(f"server never answered on port {self.port}\n{self.log_text()}")
 
     def log_text(self) -> str:
         return self.log.decode("utf-8", "replace")
