@@ -36,7 +36,7 @@ from ..core.keepalive import KeepAliveDecision, KeepAlivePolicy
 from ..engines.threaded import Lingerer, process_lingerer
 from ..settings import Settings, SettingsError
 
-__all__ = ["SyncWorker", "ThreadWorker", "UvicornWorker", "configure", "current_settings"]
+__all__ = ["ASGIWorker", "SyncWorker", "ThreadWorker", "UvicornWorker", "configure", "current_settings"]
 
 # Leave this much of gunicorn's graceful_timeout for the exit itself: the arbiter
 # sends SIGKILL when it runs out, and a killed worker resets what still lingers.
@@ -88,6 +88,10 @@ def __getattr__(name: str) -> Any:
         from ..uvicorn.worker import UvicornWorker
 
         return UvicornWorker
+    if name == "ASGIWorker":  # gunicorn's own asgi worker, lingering (imports asyncio code)
+        from .asgi_worker import ASGIWorker
+
+        return ASGIWorker
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

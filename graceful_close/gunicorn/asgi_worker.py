@@ -1,0 +1,268 @@
+"""gunicorn's native ASGI worker (-k asgi) with lingering closes and the keep-alive policy.
+
+    gunicorn -k graceful_close.gunicorn.ASGIWorker app:app
+
+Stock gasgi ends a connection with write_eof() and close() at once: a client whose
+request body or pipelined requests are still unread gets RST, which can destroy the
+response it has not read yet (an early 413 to an 8 MB upload is cut at ~128 KB).
+Here every close of an HTTP/1.x or HTTP/2 connection goes to the asyncio drain
+engine (graceful_close.engines.aio), and every HTTP/1.x response is subject to the
+request cap, the connection age cap and the User-Agent rules.
+
+Per keep-alive request this costs two comparisons: gunicorn already counts the
+connection's requests (req_count) and the worker's heartbeat refreshes a coarse
+clock once a second. The policy itself runs on a connection's first request (the
+User-Agent rule) and when a cap is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import math
+import struct
+import sys
+import termios
+import types
+from typing import Any
+
+import gunicorn
+from gunicorn.asgi.protocol import ASGIProtocol
+from gunicorn.workers import gasgi
+
+from .. import metrics
+from ..core.keepalive import KeepAlivePolicy
+from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine
+from ..settings import Settings, SettingsError, current_settings
+
+__all__ = ["ASGIWorker"]
+
+# ---- _compat: every reach into gunicorn's gasgi internals (gunicorn 27) -----------------
+# Kept here, apart from graceful_close/gunicorn/_compat.py (the sync/gthread reaches), and
+# checked by check_compat() in the master at start-up. What it depends on:
+#   1. ASGIWorker._serve() builds each connection's protocol with `lambda: ASGIProtocol(self)`,
+#      a lookup of the module-global name gasgi.ASGIProtocol when a connection arrives.
+#   2. ASGIProtocol ends every HTTP/1.x and HTTP/2 connection through _close_transport()
+#      (parse errors, keep-alive expiry, the end of _handle_connection and of HTTP/2).
+#   3. ASGIProtocol._will_close(request, response_requires_close) is the one keep-alive
+#      decision: it sets "Connection: close" and the loop ends the connection on True.
+#   4. ASGIProtocol keeps self.transport, self._closed, self.req_count (this connection's
+#      requests, the current one included) and does its bookkeeping in connection_lost().
+#   5. ASGIWorker._shutdown() is the coroutine that ends _serve(); _quick_shutdown is True
+#      after SIGINT/SIGQUIT; notify() is the heartbeat, called about once a second.
+_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost")
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """Names a function and the functions nested in it look up as globals or attributes."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _code(function: object) -> types.CodeType | None:
+    code = getattr(function, "__code__", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
+def check_compat() -> str | None:
+    """None when gasgi still routes what this worker needs; else what changed, in one line."""
+    version = f"gunicorn {gunicorn.__version__}"
+    serve = _code(getattr(gasgi.ASGIWorker, "_serve", None))
+    handle = _code(getattr(ASGIProtocol, "_handle_connection", None))
+    if getattr(gasgi, "ASGIProtocol", None) is not ASGIProtocol or serve is None or handle is None:
+        return f"{version}: gunicorn.workers.gasgi no longer has ASGIWorker._serve and ASGIProtocol"
+    if "ASGIProtocol" not in _global_names(serve):
+        return f"{version}: gasgi.ASGIWorker._serve no longer builds connections from gasgi.ASGIProtocol"
+    missing = [name for name in _PROTOCOL_METHODS if not callable(getattr(ASGIProtocol, name, None))]
+    if missing or not callable(getattr(gasgi.ASGIWorker, "_shutdown", None)):
+        return f"{version}: gasgi's ASGIProtocol/ASGIWorker lost {', '.join(missing) or '_shutdown'}"
+    if not {"_close_transport", "req_count"} <= _global_names(handle):
+        return (f"{version}: ASGIProtocol._handle_connection no longer counts requests in "
+                "req_count and ends connections with _close_transport")
+    return None
+
+
+# ---- end of _compat -----------------------------------------------------------------
+
+
+_FIONREAD_BUF = struct.pack("i", 0)
+
+
+def _unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the client sent that nobody read yet (-1 when unknown)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FIONREAD_BUF))[0])
+    except (OSError, AttributeError, ValueError):
+        return -1
+
+
+class LingeringASGIProtocol(ASGIProtocol):
+    """gasgi's protocol whose closes linger and whose responses follow the keep-alive policy."""
+
+    worker: ASGIWorker
+    transport: Any
+    req_count: int
+    _closed: bool
+    # The request number at which the policy must decide (1: the User-Agent rule of the
+    # first request), and the worker clock at which the age cap ends the connection.
+    _gc_check_at = 1
+    _gc_expires = math.inf
+    _gc_accepted = 0.0
+    # The policy's answer for request number _gc_decided (gasgi may ask twice per request).
+    _gc_decided = 0
+    _gc_close = False
+
+    def connection_made(self, transport: Any) -> None:
+        worker = self.worker
+        policy = worker.keepalive_policy
+        if policy.max_age:
+            self._gc_accepted = worker.loop.time()
+            self._gc_expires = worker.clock + policy.max_age
+        super().connection_made(transport)
+
+    def _will_close(self, request: Any, response_requires_close: bool) -> bool:
+        # The hot path: two comparisons; the policy runs only when something is due.
+        if self.req_count >= self._gc_check_at or self.worker.clock >= self._gc_expires:
+            if self._gc_policy_closes(request):
+                return True
+        return ASGIProtocol._will_close(self, request, response_requires_close)
+
+    def _gc_policy_closes(self, request: Any) -> bool:
+        count = self.req_count
+        if self._gc_decided == count:
+            return self._gc_close
+        worker = self.worker
+        policy = worker.keepalive_policy
+        user_agent = None
+        for name, value in getattr(request, "headers_bytes", None) or ():
+            if name == b"user-agent":
+                user_agent = value
+                break
+        decision = policy.decide(count, self._gc_accepted, worker.loop.time(), user_agent,
+                                 request.method)
+        self._gc_decided, self._gc_close = count, not decision.keep_alive
+        if decision.keep_alive:
+            rules = policy.user_agents
+            if user_agent and rules.active and rules.verdict(user_agent)[1]:
+                # a rule that depends on each request's method (msie6: POST)
+                self._gc_check_at = count + 1
+            elif decision.remaining_requests is not None:
+                self._gc_check_at = count + decision.remaining_requests
+            else:
+                self._gc_check_at = sys.maxsize
+            if worker.clock >= self._gc_expires:  # due by the coarse clock, not yet by the exact one
+                self._gc_expires = worker.clock + 1.0
+        return self._gc_close
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        self._closed = True
+        if transport.is_closing():
+            return  # the peer is gone already; connection_lost() follows from the transport
+        if not self.worker.alive and _unread_bytes(transport) == 0:
+            # Stopping or restarting, and the client sent nothing unread: no bytes are at
+            # stake (nginx closes idle keep-alive connections at once on a stop too). A
+            # plain close still sends FIN after the queued response.
+            transport.close()
+            return
+        self.worker.drain_engine.hand_off(transport)
+        # The transport reports to the drain engine from now on: do gasgi's own bookkeeping
+        # (nr_conns, timers, disconnect to the app) as its connection_lost would, on the next
+        # loop turn, when the connection task that usually called us has finished.
+        self.worker.loop.call_soon(self.connection_lost, None)
+
+
+class ASGIWorker(gasgi.ASGIWorker):
+    """gunicorn's asgi worker whose every close lingers, with the keep-alive policy.
+
+    SIGTERM: gasgi's graceful stop, then what still lingers gets the rest of
+    graceful_timeout (at most linger_time); connections idle at the stop close at once.
+    SIGINT/SIGQUIT: lingering connections end at once.
+    """
+
+    graceful_settings: Settings
+    keepalive_policy: KeepAlivePolicy
+    drain_engine: AsyncioDrainEngine
+    loop: asyncio.AbstractEventLoop
+    # A coarse clock (loop.time() at the last heartbeat) for the per-request age check.
+    clock = 0.0
+    _term_at: float | None = None
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Runs in the master at start-up: refuse to start, in one line, when we route nothing."""
+        problem = check_compat()
+        if problem is not None:
+            print(f"graceful-close: ASGIWorker cannot run on {problem}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        try:
+            settings = current_settings()
+        except SettingsError as exc:
+            print(exc, file=sys.stderr, flush=True)
+            sys.exit(1)
+        log.info(settings.describe())
+        super().check_config(cfg, log)
+
+    def init_process(self) -> None:
+        from . import _log_to_gunicorn
+
+        self.graceful_settings = current_settings()
+        self.keepalive_policy = KeepAlivePolicy(self.graceful_settings)
+        # The smallest override of _serve(): its protocol factory looks up the module global
+        # gasgi.ASGIProtocol per connection, so rebinding it in this worker process (which
+        # runs only this worker class) gives every connection our protocol without copying
+        # _serve()'s 80 lines of lifespan, listener and heartbeat code.
+        gasgi.ASGIProtocol = LingeringASGIProtocol
+        _log_to_gunicorn(self.log)
+        metrics.maybe_start_for_worker()
+        super().init_process()  # sets up the loop, then runs the worker; returns at exit
+
+    def run(self) -> None:
+        self.drain_engine = drain_engine(self.loop)
+        self.clock = self.loop.time()
+        try:
+            super().run()
+        finally:
+            metrics.flush_at_worker_exit()
+
+    def notify(self) -> None:
+        self.clock = self.loop.time()
+        super().notify()
+
+    def handle_exit_signal(self) -> None:  # SIGTERM
+        if self._term_at is None:
+            self._term_at = self.loop.time()
+        super().handle_exit_signal()
+
+    async def _shutdown(self) -> None:
+        await super()._shutdown()
+        engine = self.drain_engine
+        grace = self._stop_grace()
+        engine.begin_shutdown(grace)
+        # The loop closes when this returns: let what lingers end first (the engine ends
+        # every lingering connection at `grace` and aborts stuck closes a little later).
+        deadline = self.loop.time() + grace + SHUTDOWN_FORCE_GRACE
+        while engine.lingering and self.loop.time() < deadline:
+            if self._quick_shutdown:
+                engine.begin_shutdown(0.0)
+            self.notify()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # closes requested by the engine's last sweep go out
+
+    def _stop_grace(self) -> float:
+        """How long lingering connections may still run once gasgi's stop is done."""
+        if self._quick_shutdown:
+            return 0.0
+        linger_time = self.graceful_settings.linger_time
+        if self._term_at is not None:
+            # gunicorn's arbiter kills the worker at graceful_timeout: keep a second for the exit.
+            left = self.cfg.graceful_timeout - (self.loop.time() - self._term_at) - 1.0
+            return max(0.0, min(linger_time, left))
+        # max_requests restart or lost parent: the replacement starts when we exit.
+        return min(linger_time, self.graceful_settings.linger_timeout)
