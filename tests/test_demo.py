@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
 from rich.console import Console
 
 from graceful_close.diagnostics.demo import render_demo, run_demo
+from tests.helpers import expect_stock_failure
 
 
 @pytest.mark.slow
 def test_demo_runs_every_server_and_ours_pass() -> None:
-    """Stock rows fail where the issues measured them failing (uvicorn: 2 MB response cut
-    with RST; gunicorn sync/gthread: the 413 cut with RST and 2 s stalls); graceful rows
-    pass every scenario with no stall of 1 s. Under 2 minutes on 2 cores."""
+    """Graceful rows pass every scenario with no stall of 1 s, under 2 minutes on 2 cores.
+    Stock rows fail where the issues measured them failing (uvicorn: 2 MB response cut
+    with RST; gunicorn sync/gthread: the 413 cut with RST and 2 s stalls); a stock row that
+    stops failing is reported as a StockFixed warning, not a red run."""
     start = time.monotonic()
     result = run_demo()
     elapsed = time.monotonic() - start
@@ -29,18 +32,26 @@ def test_demo_runs_every_server_and_ours_pass() -> None:
             assert set(statuses.values()) == {"pass"}, (label, statuses)
             assert row.worst_stall < 1.0, label
         else:
-            assert "fail" in statuses.values(), label
+            expect_stock_failure("fail" in statuses.values(), f"{label}: {statuses}")
     for kind in ("uvicorn-worker", "h11", "httptools"):
         stock = next(r for r in result.rows if r.server.kind == kind and not r.server.graceful)
-        assert stock.verdict("close-pipeline").status == "fail"
+        expect_stock_failure(stock.verdict("close-pipeline").status == "fail",
+                             f"{stock.server.label} close-pipeline")
     for kind in ("sync", "gthread"):
         stock = next(r for r in result.rows if r.server.kind == kind and not r.server.graceful)
-        assert stock.verdict("upload").status == "fail"
-        assert stock.worst_stall >= 1.5
+        upload = stock.verdict("upload")
+        expect_stock_failure(upload.status == "fail", f"{stock.server.label} upload")
+        if upload.status == "fail":  # the 413 was cut: fewer bytes than it had, then a reset
+            assert upload.data["received"] < upload.data["expected"], upload.data
+            assert "RST" in str(upload.data["ending"]), upload.data
+        expect_stock_failure(stock.worst_stall >= 1.5, f"{stock.server.label} stall")
 
     console = Console(record=True, width=200)
     render_demo(result, console=console)
     table = console.export_text()
     assert all(f"{row.server.family} {row.server.kind}" in table for row in result.rows)
-    assert "128000 B, RST" in table and "intact, FIN" in table
+    assert "intact, FIN" in table
+    for cut in re.findall(r"(\d+) B, RST", table):  # a cut response: fewer bytes than sent
+        assert int(cut) < 2_000_000
+    assert "Red" not in table  # not a terminal: the legend cannot speak of colours
     json.dumps(result.as_dict())  # --json output is serialisable

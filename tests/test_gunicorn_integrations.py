@@ -54,8 +54,7 @@ def test_recipe_flask_early_413_survives_the_upload(recipe_server) -> None:
 
 def test_hooks_recipe_on_stock_gthread(start_server) -> None:
     """Only the hooks, on stock gthread: the cap and the User-Agent rule end the
-    connection with Connection: close. No lingering: the same early 413 resets the
-    client's upload (stock gunicorn drains 64 KiB, then closes with unread data)."""
+    connection with Connection: close. (No lingering: see the next test.)"""
     server = start_server(_recipe("gunicorn_hooks.conf.py", "gthread",
                                   env={"GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "3"}))
     responses, ending = _requests_on_one_connection(server.port, 5)
@@ -69,5 +68,13 @@ def test_hooks_recipe_on_stock_gthread(start_server) -> None:
                                                     {"User-Agent": "Mozilla/5.0 Firefox/128.0"})
     assert [r.header("connection") for r in responses] == ["keep-alive"] * 2
 
+
+
+@pytest.mark.xfail(strict=False, raises=AssertionError,
+                   reason="hooks cannot linger: stock gthread resets the upload under an early 413 "
+                          "(XPASS: fixed upstream)")
+def test_hooks_recipe_on_stock_gthread_keeps_an_early_413(start_server) -> None:
+    """The same early 413 as with our worker, on stock gthread with only the hooks."""
+    server = start_server(_recipe("gunicorn_hooks.conf.py", "gthread"))
     result = early_response_upload(Target("127.0.0.1", server.port), "/upload")
-    assert result.ending.startswith("RST") and "reset" in result.note, result.as_dict()
+    assert result.intact and result.ending == "FIN" and not result.note, result.as_dict()

@@ -17,10 +17,10 @@ import pytest
 
 from graceful_close.core import Counters
 from graceful_close.diagnostics.launch import ServerProcess
-from graceful_close.middleware import KeepAliveMiddleware
 from graceful_close.diagnostics.scenarios import Target, pipelined, pipelined_after_close
-from graceful_close.settings import SettingsError
 from graceful_close.diagnostics.wire import ResponseReader, request_bytes
+from graceful_close.middleware import KeepAliveMiddleware
+from graceful_close.settings import SettingsError
 from tests.uvicorn_servers import REPO, Fleet
 
 LEGACY_UA = "Mozilla/4.0 (compatible; MSIE 5.5; Windows 98)"
@@ -122,7 +122,12 @@ def test_starlette_recipe_on_stock_uvicorn_applies_the_user_agent_rule(fleet, ht
     assert "connection" not in headers and ending == "TIMEOUT"  # kept alive
 
 
-@pytest.mark.parametrize("kind", ["stock", "ours"])
+@pytest.mark.parametrize("kind", [
+    pytest.param("stock", marks=pytest.mark.xfail(
+        strict=False, raises=AssertionError,
+        reason="stock uvicorn closes with a plain close: RST cuts the response (XPASS: fixed upstream)")),
+    "ours",
+])
 def test_the_close_the_middleware_causes_lingers_only_with_our_protocols(fleet, kind) -> None:
     """A legacy agent pipelining behind a 2 MB response: stock uvicorn honours the
     Connection: close with a plain close and cuts the response; ours keeps it whole."""
@@ -131,8 +136,7 @@ def test_the_close_the_middleware_causes_lingers_only_with_our_protocols(fleet, 
     follow = request_bytes("GET", "/", t.authority, {"User-Agent": LEGACY_UA}) * 5
     result = pipelined(t, [first, follow], expected=1)
     assert result.responses and result.responses[0].header("connection") == "close"
-    graceful = result.intact and result.ending == "FIN"
-    assert graceful == (kind == "ours"), result.as_dict()
+    assert result.intact and result.ending == "FIN", result.as_dict()
 
 
 def test_uvicorn_launch_recipe_serves_with_the_lingering_close(start_server) -> None:

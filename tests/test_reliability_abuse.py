@@ -122,7 +122,8 @@ BAD_INPUT = {
     "content_length_text": b"POST / HTTP/1.1\r\n" + H + b"Content-Length: abc\r\n\r\n",
     "content_length_negative": b"POST / HTTP/1.1\r\n" + H + b"Content-Length: -5\r\n\r\n",
     "content_length_huge": b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 99999999999999999999999\r\n\r\n",
-    "bad_chunk_size": b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    "bad_chunk_size": b"POST / HTTP/1.1\r\n" + H
+                      + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
 }
 # Shaped like request smuggling: if a server took the wrong length, the bytes after
 # the first body would be parsed as a second request for /smuggled.
@@ -165,7 +166,12 @@ def test_bad_input_gets_a_clear_answer_or_a_clean_close(survives) -> None:
     assert not [p for p in problems if p], problems
 
 
-@pytest.mark.parametrize("ours", [False, True], ids=["stock", "ours"])
+@pytest.mark.parametrize("ours", [
+    pytest.param(False, id="stock", marks=pytest.mark.xfail(
+        strict=False, raises=AssertionError,
+        reason="stock closes with the tail unread: the kernel resets the client (XPASS: fixed upstream)")),
+    pytest.param(True, id="ours"),
+])
 @pytest.mark.parametrize("kind", KINDS)
 def test_bad_request_with_a_large_tail_is_not_reset(start_server, kind: str, ours: bool) -> None:
     """A malformed request followed by 4 MB the server will never parse: ours answers
@@ -186,7 +192,4 @@ def test_bad_request_with_a_large_tail_is_not_reset(start_server, kind: str, our
                 endings.append((response.status, response.complete, reader.read_end()))
             except (OSError, ConnectionEnded) as exc:
                 endings.append(("reset", exc.__class__.__name__))
-    if ours:
-        assert all(e[0] in (400, 414) and e[1] and e[2] == "FIN" for e in endings), endings
-    else:
-        assert all(e[0] == "reset" for e in endings), endings
+    assert all(e[0] in (400, 414) and e[1] and e[2] == "FIN" for e in endings), endings

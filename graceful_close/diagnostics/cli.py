@@ -11,7 +11,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .. import __version__
@@ -40,7 +40,7 @@ def size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def positive(kind: type) -> object:
+def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = kind(text)
@@ -49,7 +49,7 @@ def positive(kind: type) -> object:
         if value <= 0:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be > 0")
         return value
-    parse.__name__ = kind.__name__
+    parse.__name__ = getattr(kind, "__name__", "number")  # argparse names the type in errors
     return parse
 
 

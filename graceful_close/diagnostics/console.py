@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich is imported only when a table is printed
+    from rich.console import Console
 
 
-def table_console(width_when_piped: int = 130) -> Any:
+def table_console(width_when_piped: int = 130) -> Console:
     """A rich Console; when piped without COLUMNS, wider than rich's default 80 columns."""
     from rich.console import Console
 

@@ -14,11 +14,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .console import table_console
 from .launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess, gunicorn_server, uvicorn_server
 from .probe import FAIL, PASS, ProbeConfig, ProbeReport, Verdict, run_probe
 from .scenarios import Target, never_closing, timed_request
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 SAMPLE_WSGI = "graceful_close.diagnostics.sample_apps:wsgi_app"
 SAMPLE_ASGI = "graceful_close.diagnostics.sample_apps:asgi_app"
@@ -229,11 +233,13 @@ def cell(row: DemoRow, scenario: str) -> tuple[str, bool | None]:
     return f"{drained:.1f} s, RST", good
 
 
-def render_demo(result: DemoResult, console: object | None = None) -> None:
+def render_demo(result: DemoResult, console: Console | None = None) -> None:
     from rich.table import Table
 
     if console is None:
         console = table_console(150)
+    # Piped or NO_COLOR, the table has no colours: bad cells get a '!' and the legend says so.
+    coloured = console.color_system is not None
     table = Table(title="graceful-close demo: stock vs graceful on 127.0.0.1 (sample app)",
                   title_justify="left", show_lines=False)
     table.add_column("server", no_wrap=True)
@@ -255,11 +261,13 @@ def render_demo(result: DemoResult, console: object | None = None) -> None:
         for key, _ in COLUMNS:
             text, good = cell(row, key)
             style = "green" if good else "red" if good is False else "yellow"
-            cells.append(f"[{style}]{text}[/]")
+            mark = "! " if good is False and not coloured else ""
+            cells.append(f"[{style}]{mark}{text}[/]")
         table.add_row(name, f"[bold]{flavour}[/]" if row.server.graceful else flavour, *cells)
-    console.print(table)  # type: ignore[attr-defined]
-    console.print(  # type: ignore[attr-defined]
-        f"{len(result.rows)} servers in {result.elapsed:.0f} s. Red: the client lost response "
+    console.print(table)
+    console.print(
+        f"{len(result.rows)} servers in {result.elapsed:.0f} s. {'Red' if coloured else '!'}: "
+        "the client lost response "
         "bytes, met RST, or waited >= 1 s.\n'N B, RST': only N body bytes arrived, then RST. "
         "'open': the server kept the connection open after its answer.",
         highlight=False)

@@ -16,8 +16,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .console import table_console
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 PROC_NET = ("/proc/net/tcp", "/proc/net/tcp6")
 FIN_TIMEOUT_PATH = Path("/proc/sys/net/ipv4/tcp_fin_timeout")
@@ -141,7 +145,7 @@ class CensusError(Exception):
     """Cannot take the census (no such process, no permission): one line for the user."""
 
 
-def _process_tree(pid: int) -> list:
+def _process_tree(pid: int) -> list[Any]:
     import psutil
 
     try:
@@ -151,7 +155,7 @@ def _process_tree(pid: int) -> list:
         raise CensusError(f"no process with pid {pid}") from None
 
 
-def _connections(proc) -> list:
+def _connections(proc: Any) -> list[Any]:
     import psutil
 
     try:
@@ -234,7 +238,7 @@ def _scope(port: int | None, pid: int | None) -> str:
     return ", ".join(parts) or "all TCP sockets"
 
 
-def render_census(census: Census, console: object | None = None) -> None:
+def render_census(census: Census, console: Console | None = None) -> None:
     try:
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is in the diagnostics extra
@@ -255,9 +259,9 @@ def render_census(census: Census, console: object | None = None) -> None:
         table.add_row(f"[{style}]{state}[/]" if style else state,
                       f"[{style}]{census.total(state)}[/]" if style else str(census.total(state)),
                       unowned, state_meaning(state, census.fin_timeout))
-    console.print(table)  # type: ignore[attr-defined]
+    console.print(table)
     for line in _footer(census):
-        console.print(line, highlight=False)  # type: ignore[attr-defined]
+        console.print(line, highlight=False)
 
 
 def _footer(census: Census) -> list[str]:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -39,10 +40,8 @@ from ..core.counters import PROCESS_COUNTERS
 from ..core.linger import EndReason
 from . import METRICS_DIR_ENV
 
-try:
+if sys.platform != "win32":  # flock is POSIX; elsewhere the thread lock alone serialises
     import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
 
 PORT_ENV = "GRACEFUL_CLOSE_METRICS_PORT"
 ADDR_ENV = "GRACEFUL_CLOSE_METRICS_ADDR"
@@ -101,7 +100,7 @@ def _write_json(path: Path, data: dict[str, int]) -> None:
 def _dir_lock(directory: Path) -> Iterator[None]:
     """Serialise merges between scrapes and child_exit (threads and processes)."""
     with _THREAD_LOCK:
-        if fcntl is None:
+        if sys.platform == "win32":
             yield
             return
         with open(directory / LOCK_FILE, "a") as handle:
@@ -235,7 +234,12 @@ def when_ready(server: Any) -> None:
         directory = tempfile.mkdtemp(prefix="graceful-close-metrics-")
         os.environ[METRICS_DIR_ENV] = directory  # the workers forked after this inherit it
         master = os.getpid()
-        atexit.register(lambda: os.getpid() == master and shutil.rmtree(directory, True))
+
+        def remove_directory() -> None:
+            if os.getpid() == master:  # forked workers inherit atexit handlers: master only
+                shutil.rmtree(directory, True)
+
+        atexit.register(remove_directory)
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     clear_snapshots(path)
