@@ -27,7 +27,7 @@ from typing import Any
 
 from .core.counters import PROCESS_COUNTERS, Counters
 from .core.keepalive import UserAgentRules
-from .settings import Settings
+from .settings import Settings, SettingsError, current_settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,14 +42,23 @@ class KeepAliveMiddleware:
     def __init__(self, app: ASGIApp, user_agents: tuple[str, ...] | list[str] | None = None,
                  counters: Counters = PROCESS_COUNTERS) -> None:
         """user_agents: regexes and/or presets (legacy, msie6, safari, none); None reads the
-        GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS setting (default: legacy)."""
+        GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS setting (default: legacy). A bad value fails
+        the server's lifespan startup with one line naming the setting."""
         self.app = app
-        if user_agents is None:
-            settings = Settings.from_env()
-        else:  # validated like every setting: a bad regex or preset fails here, at startup
-            settings = Settings.from_env(nokeepalive_user_agents=tuple(user_agents))
-        self.rules = UserAgentRules(settings.nokeepalive_user_agents)
         self.counters = counters
+        try:
+            if user_agents is None:
+                rules = current_settings().nokeepalive_user_agents
+            else:  # validated like every setting
+                rules = Settings(nokeepalive_user_agents=tuple(user_agents)).nokeepalive_user_agents
+        except SettingsError as exc:
+            # Raised here it would be a traceback: from uvicorn's app loader, or swallowed as
+            # "lifespan unsupported" when Starlette builds its middleware lazily. Instead the
+            # lifespan startup fails with the one line, and the server exits non-zero.
+            self.app = _refuse_to_start(str(exc))
+            self.rules = UserAgentRules(("none",))
+            return
+        self.rules = UserAgentRules(rules)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or not self.rules.active
@@ -68,6 +77,19 @@ class KeepAliveMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_closing)
+
+
+def _refuse_to_start(message: str) -> ASGIApp:
+    """An app that fails the lifespan startup with `message` (one line) and serves nothing."""
+
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            if (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": message})
+            return
+        raise SettingsError(message)  # a server without lifespan: every request fails loudly
+
+    return refuse
 
 
 def _user_agent(scope: Scope) -> bytes | None:

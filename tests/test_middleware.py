@@ -9,6 +9,8 @@ classes serve the app. The integrations/ recipes run as shipped.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -85,12 +87,55 @@ def test_http2_responses_never_get_the_header() -> None:
     assert _connection_headers(sent) == []
 
 
-def test_bad_rule_is_a_one_line_startup_error() -> None:
-    with pytest.raises(SettingsError) as caught:
-        KeepAliveMiddleware(_app, user_agents=("MSIE [",))
-    assert "nokeepalive_user_agents" in str(caught.value) and "\n" not in str(caught.value)
-    with pytest.raises(SettingsError):
-        KeepAliveMiddleware(_app, user_agents=("legacyy",))
+def _lifespan_startup(middleware: KeepAliveMiddleware) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    return sent
+
+
+@pytest.mark.parametrize("rules", [("MSIE [",), ("legacyy",)])
+def test_bad_rule_fails_the_lifespan_startup_in_one_line(rules) -> None:
+    """Not an exception from the constructor: uvicorn would print it as a traceback, and
+    Starlette (which builds its middleware inside the lifespan call) would lose it."""
+    sent = _lifespan_startup(KeepAliveMiddleware(_app, user_agents=rules))
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "nokeepalive_user_agents" in sent[0]["message"] and "\n" not in sent[0]["message"]
+    with pytest.raises(SettingsError):  # a server without lifespan serves nothing
+        _call(KeepAliveMiddleware(_app, user_agents=rules), MODERN_UA)
+
+
+WRAPPED_AT_IMPORT = """
+from graceful_close.diagnostics.sample_apps import asgi_app
+from graceful_close.middleware import KeepAliveMiddleware
+
+app = KeepAliveMiddleware(asgi_app)
+"""
+
+
+@pytest.mark.parametrize("recipe", ["starlette", "wrapped"])
+def test_bad_setting_under_uvicorn_is_one_line_and_a_failed_exit(recipe, tmp_path) -> None:
+    """uvicorn with the Starlette recipe (the middleware is built lazily, inside the
+    lifespan call) and with an app wrapped at import: one stderr line names the setting,
+    no traceback, non-zero exit. (On the old main: a traceback per request, exit 0.)"""
+    (tmp_path / "wrapped.py").write_text(WRAPPED_AT_IMPORT)
+    app_dir, app = ((REPO, "integrations.starlette_app:app") if recipe == "starlette"
+                    else (tmp_path, "wrapped:app"))
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--host", "127.0.0.1",
+         "--port", "0", app],
+        env={**os.environ, "GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS": "MSIE ["},
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, done.stderr
+    about = [line for line in done.stderr.splitlines() if "nokeepalive_user_agents" in line]
+    assert len(about) == 1 and "expected a valid regex" in about[0], done.stderr
+    assert "Traceback" not in done.stderr and "Uvicorn running" not in done.stderr, done.stderr
 
 
 # ---- real uvicorn ----------------------------------------------------------------------
