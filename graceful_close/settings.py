@@ -238,6 +238,8 @@ def startup_settings() -> Settings:
 
 
 def reset_for_tests() -> None:
-    """Forget configured settings (tests that configure more than once in one process)."""
+    """Forget configured settings and the warnings given (tests that configure more than
+    once in one process)."""
     global _current
     _current = None
+    _warned.clear()

@@ -1,7 +1,13 @@
 """Settings: defaults follow nginx, env and kwargs layer correctly, bad values fail in one line."""
 
+import logging
+import os
+import subprocess
+import sys
+
 import pytest
 
+from graceful_close import settings
 from graceful_close.settings import Settings, SettingsError
 
 
@@ -65,3 +71,82 @@ def test_invalid_env_names_the_variable(name, raw):
 def test_unknown_keyword_is_named():
     with pytest.raises(SettingsError, match="linger_tme"):
         Settings.from_env({}, linger_tme=3)
+
+
+# ---- issue 12 item 11: valid but suspicious settings, and the one settings path ------------
+
+@pytest.fixture
+def fresh_settings(monkeypatch):
+    """No GRACEFUL_CLOSE_* variable from outside, nothing configured, no warning given yet;
+    configure()'s exports to os.environ are undone afterwards."""
+    for name in [n for n in os.environ if n.startswith("GRACEFUL_CLOSE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    settings.reset_for_tests()
+    yield
+    settings.reset_for_tests()
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_unknown_variable_warns_once_with_the_known_names(fresh_settings, caplog):
+    env = {"GRACEFUL_CLOSE_LINGER_TIMOUT": "3", "GRACEFUL_CLOSE_METRICS_DIR": "/tmp/m"}
+    Settings.from_env(env)
+    Settings.from_env(env)
+    warned = _warnings(caplog)
+    assert len(warned) == 1, warned
+    assert "GRACEFUL_CLOSE_LINGER_TIMOUT" in warned[0] and "\n" not in warned[0]
+    assert "GRACEFUL_CLOSE_LINGER_TIMEOUT" in warned[0]  # the known names, to spot the typo
+    ignored = warned[0].split("; known")[0]
+    assert "LINGER_TIMOUT" in ignored and "METRICS_DIR" not in ignored  # metrics variables are known
+
+
+def test_known_variables_give_no_warning(fresh_settings, caplog):
+    Settings.from_env({"GRACEFUL_CLOSE_LINGER_TIMEOUT": "3", "GRACEFUL_CLOSE_METRICS_PORT": "9"})
+    assert _warnings(caplog) == []
+
+
+def test_linger_timeout_longer_than_linger_time_warns(fresh_settings, caplog):
+    s = Settings.from_env({"GRACEFUL_CLOSE_LINGER_TIME": "2", "GRACEFUL_CLOSE_LINGER_TIMEOUT": "5"})
+    assert (s.linger_time, s.linger_timeout) == (2.0, 5.0)  # accepted: linger_time bounds it
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "linger_timeout=5" in warned[0] and "linger_time=2" in warned[0]
+
+
+@pytest.mark.parametrize("raw", ["1.5", "ten", "1e3"])
+def test_non_integer_keepalive_requests_says_an_integer(raw):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": raw})
+    assert "GRACEFUL_CLOSE_KEEPALIVE_REQUESTS" in str(err.value)
+    assert "expected an integer" in str(err.value) and "a number" not in str(err.value)
+
+
+def test_configure_exports_to_the_environment_for_spawned_workers(fresh_settings):
+    """A spawned process sees what configure() set (uvicorn --workers uses spawn)."""
+    configured = settings.configure(keepalive_requests=2, linger_timeout=1.5)
+    assert settings.current_settings() is configured
+    code = ("from graceful_close.settings import current_settings as c; s = c(); "
+            "print(s.keepalive_requests, s.linger_timeout, s.nokeepalive_user_agents)")
+    done = subprocess.run([sys.executable, "-c", code], env=os.environ, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.split() == ["2", "1.5", "('legacy',)"], done.stderr
+
+
+def test_configure_and_startup_exit_with_one_line(fresh_settings):
+    with pytest.raises(SystemExit) as ended:
+        settings.configure(linger_time="abc")
+    assert "linger_time='abc'" in str(ended.value.code) and "\n" not in str(ended.value.code)
+    os.environ["GRACEFUL_CLOSE_LINGER_TIME"] = "abc"
+    with pytest.raises(SettingsError):
+        settings.current_settings()
+    with pytest.raises(SystemExit) as ended:
+        settings.startup_settings()
+    assert "GRACEFUL_CLOSE_LINGER_TIME" in str(ended.value.code) and "\n" not in str(ended.value.code)
+
+
+def test_to_env_round_trips():
+    s = Settings(linger_time=7.5, linger_max_bytes=4096, abort_on_timeout=False,
+                 nokeepalive_user_agents=("Bot{1,3}", "msie6"))
+    assert Settings.from_env(s.to_env()) == s
