@@ -12,6 +12,8 @@ The same from uvicorn's command line:
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import uvicorn
 
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout-graceful-shutdown", type=int, default=None,
                         help="bound of the whole stop; lingering connections end before it")
     args = parser.parse_args(argv)
+    # `myapp:app` means myapp.py in the current directory, as with uvicorn's own command
+    # (its --app-dir defaults to "."); run as a script, sys.path[0] is integrations/ instead.
+    sys.path.insert(0, os.getcwd())
     uvicorn.run(args.app, host=args.host, port=args.port, workers=args.workers, loop=args.loop,
                 http=PROTOCOL, timeout_keep_alive=args.timeout_keep_alive,
                 timeout_graceful_shutdown=args.timeout_graceful_shutdown)

@@ -195,3 +195,29 @@ def test_uvicorn_launch_recipe_serves_with_the_lingering_close(start_server) -> 
     request = request_bytes("GET", "/", t.authority)
     result = pipelined(t, [request] * 10, expected=3)  # the cap from the environment
     assert result.complete_responses == 3 and result.ending == "FIN", result.as_dict()
+
+
+MYAPP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"6")]})
+    await send({"type": "http.response.body", "body": b"myapp\\n"})
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_uvicorn_launch_recipe_imports_the_app_from_the_current_directory(start_server, tmp_path,
+                                                                          workers) -> None:
+    """`python integrations/uvicorn_launch.py myapp:app` run where myapp.py is, as with
+    uvicorn's own command; with --workers 2 the spawned workers find it too.
+    (On the old main: ModuleNotFoundError: No module named 'myapp'.)"""
+    (tmp_path / "myapp.py").write_text(MYAPP)
+    server = start_server(ServerProcess(
+        [sys.executable, str(REPO / "integrations" / "uvicorn_launch.py"), "myapp:app",
+         "--port", "0", "--workers", workers], cwd=str(tmp_path)))
+    with Target("127.0.0.1", server.port).connect(5) as sock:
+        sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
+        response = ResponseReader(sock, time.monotonic() + 5).read_response()
+    assert response.status == 200 and response.body_prefix == b"myapp\n", server.log_text()

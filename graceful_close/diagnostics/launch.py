@@ -41,11 +41,13 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log: bytearray = field(default_factory=bytearray)
     tls: ssl.SSLContext | None = None  # the client side of a server started with TLS
+    cwd: str | None = None
 
     def start(self) -> ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, env=env, cwd=self.cwd,
+                                     start_new_session=True)
         found = threading.Event()
         threading.Thread(target=self._pump, args=(found,), daemon=True).start()
         if not found.wait(self.startup_timeout) or not self.port:
