@@ -62,6 +62,7 @@ def error_cases(port: int, dead: int) -> list[tuple[list[str], str]]:
         (["states", "--port", "70000"], "out of range"),
         (["states", "--watch", "1", "--samples", "0"], "--samples"),
         (["demo", "--only", "nginx"], "invalid choice"),
+        (["metrics", "--dir", "/tmp", "--port", "70000"], "out of range"),
         (["frobnicate"], "invalid choice"),
     ]
 
@@ -76,10 +77,18 @@ def test_every_error_is_one_line(not_http_port: int, capsys) -> None:
         assert err.count("\n") == 1 and expected in err, (argv, err)
 
 
+def test_bad_setting_in_the_environment_is_one_line(monkeypatch, capsys) -> None:
+    """The demo starts graceful servers with the caller's GRACEFUL_CLOSE_* variables."""
+    monkeypatch.setenv("GRACEFUL_CLOSE_LINGER_TIME", "abc")
+    assert main(["demo", "--only", "uvicorn"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "GRACEFUL_CLOSE_LINGER_TIME='abc'" in err, err
+
+
 def test_console_script_error_and_help() -> None:
-    """The installed `graceful-close` script: one-line error; --help documents the limits."""
-    if not SCRIPT.exists():
-        pytest.skip("console script not installed")
+    """The installed `graceful-close` script (the package's entry point): one-line error;
+    --help documents the limits."""
+    assert SCRIPT.exists(), f"no {SCRIPT}: the console script is not installed (pip install -e .)"
     env = {**os.environ, "COLUMNS": "100"}
     done = subprocess.run([str(SCRIPT), "probe", "http://127.0.0.1:1/"], capture_output=True,
                           text=True, timeout=30, env=env)

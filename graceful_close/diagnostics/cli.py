@@ -77,7 +77,11 @@ def build_parser() -> OneLineParser:
         "probe", help="check how any HTTP/1.1 server closes connections",
         description="Run black-box scenarios against URL and judge each: does the client get "
                     "every response byte, and does the connection end with FIN, not RST? "
-                    f"Scenarios: {', '.join(SCENARIOS)}. Exit status 1 when one fails.",
+                    f"Scenarios: {', '.join(SCENARIOS)}. Verdicts: PASS, FAIL (response bytes "
+                    "lost or RST with our input unread), WARN (no byte lost, but ECONNRESET "
+                    "at the idle timeout or a connection never ended), NOT EXERCISED (the "
+                    "server did not do what the scenario needs). Exit status 1 when one "
+                    "fails; warnings leave it 0.",
         epilog=PROBE_LIMITS, formatter_class=argparse.RawDescriptionHelpFormatter)
     probe.add_argument("url", help="http://host[:port]/path or https://...; the path is the "
                                    "default for every scenario")
@@ -88,13 +92,19 @@ def build_parser() -> OneLineParser:
     probe.add_argument("--pipeline", type=int, default=200, metavar="N",
                        help="pipelined GETs in one connection, 2..1000 (default 200)")
     probe.add_argument("--big-path", metavar="PATH",
-                       help="a large response (>= 1 MB) for the pipelined-after-close scenario")
+                       help="any static file of >= 1 MB: close-pipeline GETs it with HTTP/1.0, "
+                            "so the server closes after answering")
+    probe.add_argument("--close-path", metavar="PATH",
+                       help="instead of --big-path: a >= 1 MB response the application answers "
+                            "with Connection: close (GET with HTTP/1.1)")
     probe.add_argument("--upload-path", metavar="PATH",
-                       help="where to POST the oversized upload (an endpoint that rejects it)")
+                       help="where to POST the oversized upload: any endpoint with a small body "
+                            "limit (nginx client_max_body_size, Apache LimitRequestBody)")
     probe.add_argument("--upload-size", type=size, default=8 << 20, metavar="BYTES",
                        help="upload size, up to 64M (default 8M)")
     probe.add_argument("--idle-max", type=positive(float), default=10.0, metavar="S",
-                       help="longest keep-alive idle timeout to wait for, up to 120 (default 10)")
+                       help="longest keep-alive idle timeout to wait for, up to 120 (default 10); "
+                            "a Keep-Alive: timeout= header from the server is used when sent")
     probe.add_argument("--drain-time", type=positive(float), default=5.0, metavar="S",
                        help="how long the server should keep draining after its FIN (default 5)")
     probe.add_argument("--max-bytes", type=size, default=16 << 20, metavar="BYTES",
@@ -153,6 +163,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
         raise UsageError("graceful-close probe: --only/--skip leave no scenario to run")
     config = ProbeConfig(url=args.url, host_header=args.host_header, insecure=args.insecure,
                          timeout=args.timeout, pipeline=args.pipeline, big_path=args.big_path,
+                         close_path=args.close_path,
                          upload_path=args.upload_path, upload_size=args.upload_size,
                          idle_max=args.idle_max, drain_time=args.drain_time,
                          max_bytes=args.max_bytes, scenarios=chosen)
@@ -206,7 +217,12 @@ def run_metrics_command(args: argparse.Namespace) -> int:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
+    from ..settings import Settings
     from .demo import render_demo, run_demo
+
+    # The graceful servers inherit GRACEFUL_CLOSE_*: a bad one is one line here, not a
+    # start-up failure in every graceful row.
+    Settings.from_env()
 
     progress = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     result = run_demo(only=args.only, progress=progress)
