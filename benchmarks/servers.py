@@ -6,11 +6,16 @@ command-line arguments and the GRACEFUL_CLOSE_* environment of each variant.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
-from graceful_close.diagnostics.launch import (GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess,
-                                   gunicorn_server, uvicorn_server)
+from graceful_close.diagnostics.launch import (
+    GUNICORN_WORKERS,
+    UVICORN_PROTOCOLS,
+    ServerProcess,
+    gunicorn_server,
+    import_problem,
+    uvicorn_server,
+)
 
 WSGI_APP = "graceful_close.diagnostics.sample_apps:wsgi_app"
 ASGI_APP = "graceful_close.diagnostics.sample_apps:asgi_app"
@@ -30,14 +35,8 @@ class BenchTarget:
         return stock if variant == "stock" else ours
 
     def missing(self) -> str | None:
-        """Why our variant cannot run yet (its class is not importable), or None."""
-        ours = self.implementation("graceful")
-        module, _, name = ours.replace(":", ".").rpartition(".")
-        try:
-            getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            return f"{ours} is not importable ({exc.__class__.__name__}: {exc})"
-        return None
+        """Why our variant cannot run (its class does not import), or None."""
+        return import_problem(self.implementation("graceful"))
 
     def make(self, variant: str, env: dict[str, str] | None = None, loop: str = "uvloop",
              extra_args: tuple[str, ...] = ()) -> ServerProcess:

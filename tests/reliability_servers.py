@@ -8,7 +8,6 @@ never look like a green run.
 
 from __future__ import annotations
 
-import importlib
 import socket
 import struct
 import time
@@ -21,6 +20,7 @@ from graceful_close.diagnostics.launch import (
     UVICORN_PROTOCOLS,
     ServerProcess,
     gunicorn_server,
+    import_problem,
     uvicorn_server,
 )
 from graceful_close.diagnostics.scenarios import collect_responses
@@ -43,12 +43,7 @@ def linger_env(**overrides: object) -> dict[str, str]:
 
 def missing(kind: str) -> str | None:
     """Why our class for `kind` cannot be imported, or None."""
-    module, _, name = OURS[kind].replace(":", ".").rpartition(".")
-    try:
-        getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        return f"{OURS[kind]} does not import ({exc.__class__.__name__}: {exc})"
-    return None
+    return import_problem(OURS[kind])
 
 
 def make_server(kind: str, env: dict[str, str], args: Sequence[str] = (), ours: bool = True,

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
+from tests import reliability_servers
 from tests.helpers import count_state, fd_count, wait_until, worker_pid
 from tests.reliability_servers import (
     KINDS,
@@ -187,3 +188,11 @@ def test_emfile_on_accept_the_worker_survives_and_recovers(start_server, kind: s
     assert worker_pid(server.pid) == pid, f"the worker died and was replaced\n{log[-3000:]}"
     assert answered == len(clients), f"{answered}/{len(clients)} answered\n{log[-3000:]}"
     assert wait_until(lambda: get_ok(server.port, timeout=5), 20), log[-3000:]
+
+
+def test_a_class_that_does_not_import_fails_the_suite(monkeypatch) -> None:
+    """A broken import of our worker must turn the suite red, never into skips."""
+    monkeypatch.setitem(reliability_servers.OURS, "gthread", "graceful_close.gunicorn.NoSuchWorker")
+    with pytest.raises(pytest.fail.Exception, match="NoSuchWorker does not import"):
+        make_server("gthread", linger_env())
+    make_server("gthread", linger_env(), ours=False)  # the stock half needs none of ours

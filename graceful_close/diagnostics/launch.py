@@ -6,6 +6,7 @@ read the port it got from its own startup log line.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import signal
@@ -30,6 +31,17 @@ UVICORN_PROTOCOLS = {
     "h11": ("h11", "graceful_close.uvicorn:H11Protocol"),
     "httptools": ("httptools", "graceful_close.uvicorn:HttpToolsProtocol"),
 }
+
+
+def import_problem(implementation: str) -> str | None:
+    """Why a worker class or protocol given as on the command line (module.Class or
+    module:Class) does not import here, or None."""
+    module, _, name = implementation.replace(":", ".").rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        return f"{implementation} does not import ({exc.__class__.__name__}: {exc})"
+    return None
 
 
 @dataclass
