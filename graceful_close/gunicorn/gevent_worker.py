@@ -18,8 +18,10 @@ other drain engines. No thread: a lingering connection costs one greenlet.
 from __future__ import annotations
 
 import fcntl
+import math
 import socket
 import struct
+import sys
 import termios
 import time
 from collections import OrderedDict
@@ -32,6 +34,7 @@ from gunicorn.workers import ggevent
 
 from .. import metrics
 from ..core.counters import PROCESS_COUNTERS, Counters
+from ..core.keepalive import KeepAlivePolicy
 from ..core.linger import Ending, LingerState
 from ..engines.sockets import close_for, half_close
 from ..settings import Settings, SettingsError, current_settings
@@ -111,10 +114,19 @@ def _unread_bytes(sock: socket.socket) -> int:
 
 
 class GeventWorker(ggevent.GeventWorker):
-    """gunicorn's gevent worker; every client close lingers on a greenlet."""
+    """gunicorn's gevent worker; every client close lingers on a greenlet, and the request
+    cap, the connection age cap and the User-Agent rules decide keep-alive.
+
+    Per keep-alive request that costs two comparisons: gunicorn numbers a connection's
+    requests (req.req_number), and the heartbeat refreshes a coarse clock once a second.
+    The policy runs on a connection's first request and when a cap is due; what it needs
+    per connection lives on the connection's unreader (gevent sockets take no attributes).
+    """
 
     graceful_settings: Settings
     drain_engine: GeventDrainEngine
+    keepalive_policy: KeepAlivePolicy
+    clock = 0.0  # time.monotonic() at the last heartbeat
     _quick_exit = False
     _term_at: float | None = None
 
@@ -139,6 +151,8 @@ class GeventWorker(ggevent.GeventWorker):
 
         self.graceful_settings = current_settings()
         self.drain_engine = GeventDrainEngine(self.graceful_settings)
+        self.keepalive_policy = KeepAlivePolicy(self.graceful_settings)
+        self.clock = time.monotonic()
         # Rebinding in the forked worker process, which runs only this worker class: the one
         # caller of util.close there is AsyncWorker.handle()'s end of a connection.
         gunicorn.util.close = self._close_client
@@ -156,6 +170,42 @@ class GeventWorker(ggevent.GeventWorker):
                 pass
             return
         self.drain_engine.hand_off(sock)
+
+    def notify(self) -> None:
+        self.clock = time.monotonic()
+        super().notify()
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        number = req.req_number
+        if number == 1:
+            req.unreader.gc_accepted = time.monotonic()
+            if self._policy_closes(req):
+                req.must_close = True  # gunicorn then answers "Connection: close"
+        elif number >= req.unreader.gc_check_at or self.clock >= req.unreader.gc_expires:
+            if self._policy_closes(req):
+                req.must_close = True
+        return super().handle_request(listener_name, req, sock, addr)
+
+    def _policy_closes(self, req: Any) -> bool:
+        """The full policy for this request; notes when the connection must be asked next."""
+        if req.should_close():
+            return False  # closing anyway: nothing to decide
+        policy, unreader, number = self.keepalive_policy, req.unreader, req.req_number
+        user_agent = next((value for name, value in req.headers if name == "USER-AGENT"), None)
+        decision = policy.decide(number, unreader.gc_accepted, time.monotonic(), user_agent,
+                                 req.method)
+        if not decision.keep_alive:
+            return True
+        rules = policy.user_agents
+        if user_agent and rules.active and rules.verdict(user_agent)[1]:
+            unreader.gc_check_at = number + 1  # a rule that depends on each request's method
+        elif decision.remaining_requests is not None:
+            unreader.gc_check_at = number + decision.remaining_requests
+        else:
+            unreader.gc_check_at = sys.maxsize
+        unreader.gc_expires = (unreader.gc_accepted + policy.max_age if policy.max_age
+                               else math.inf)
+        return False
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM
         if self._term_at is None:
