@@ -1,0 +1,182 @@
+"""Every reach into uvicorn's and uvicorn-worker's internals, in one place.
+
+Each reach says what it depends on. check() verifies them when uvicorn loads our
+protocols and in gunicorn's master for the UvicornWorker; if the running version no
+longer works the way they assume, the server refuses to start with one line naming
+the version and what changed, instead of silently serving stock closes and stops.
+
+Tested with uvicorn 0.54 and uvicorn-worker 0.4.
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import uvicorn
+import uvicorn.server
+import uvicorn.supervisors.multiprocess as uvicorn_multiprocess
+from uvicorn.config import STARTUP_FAILURE
+
+VERSION = uvicorn.__version__
+
+# ---- the server's start and stop ------------------------------------------------------------
+
+# S1. uvicorn.server.Server.capture_signals(): while serve() runs, SIGINT and SIGTERM are
+#     handled by the bound method Server.handle_exit, installed with signal.signal() (never
+#     loop.add_signal_handler, so that it can restore the previous handlers). The handler is
+#     how code that uvicorn loads (our protocols) finds the running Server.
+
+
+def running_server() -> uvicorn.server.Server | None:
+    """The uvicorn Server serving in this process, if one is running."""
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return server if isinstance(server, uvicorn.server.Server) else None
+
+
+# S2. Server._captured_signals: the signals Server.handle_exit received, which capture_signals
+#     re-raises once the server has stopped. SIGINT there means Ctrl-C (or, in our
+#     UvicornWorker, gunicorn's quick stop SIGQUIT, which the worker turns into SIGINT).
+
+
+def stopping_quickly(server: uvicorn.server.Server) -> bool:
+    return signal.SIGINT in server._captured_signals
+
+
+# S3. Server._serve() awaits self.shutdown(sockets=...) once its main loop ends, looked up
+#     on the instance, and then returns into capture_signals, which re-raises the stop
+#     signal: with the default action the process dies there, so no atexit hook runs. The
+#     end of shutdown() is the last moment code of ours runs in a stopping uvicorn.
+#     Server.shutdown() asks every connection to shut down (connection.shutdown()) before
+#     its first await, so a callback scheduled with call_soon() from before it runs after all
+#     of them.
+
+
+def around_shutdown(server: uvicorn.server.Server, before: Callable[[uvicorn.server.Server], None],
+                    after: Callable[[], None]) -> None:
+    """Call `before(server)` as the server's shutdown begins and `after()` when it is over
+    (connections, tasks, lifespan)."""
+    stock_shutdown: Callable[..., Awaitable[None]] = server.shutdown
+
+    async def shutdown(sockets: Any = None) -> None:
+        before(server)
+        try:
+            await stock_shutdown(sockets=sockets)
+        finally:
+            after()
+
+    setattr(server, "shutdown", shutdown)  # noqa: B010 - mypy forbids assigning to a method
+
+
+# S4. uvicorn --workers N (uvicorn.supervisors.multiprocess): each worker is a spawned
+#     multiprocessing process whose target is the bound method Process.target of the
+#     supervisor's Process object (kept in the child's multiprocessing.current_process()
+#     ._kwargs["target"]). Its always_pong() thread answers each health-check ping of the
+#     parent with the pickled value of Process.server.started; the parent unpickles it in
+#     Multiprocess.keep_subprocess_alive(). A worker exiting with STARTUP_FAILURE makes the
+#     parent stop, but with exit status 0, and every worker prints its own error; a worker
+#     exiting otherwise is respawned forever. So a worker that cannot start with our settings
+#     answers the ping with an object whose unpickling, in the parent, stops every worker and
+#     exits the parent non-zero with the one line.
+
+
+def exit_at_startup(message: str) -> NoReturn:
+    """A uvicorn server cannot start with our settings: exit with one line and a non-zero
+    status; under `uvicorn --workers N` stop the supervisor too, instead of being respawned."""
+    process = _supervised_worker()
+    if process is None:
+        raise SystemExit(message)
+    server = process.server
+    # The pong's payload (a bool to uvicorn's typing, hence setattr).
+    setattr(server, "started", _StopSupervisor(message))  # noqa: B010
+    deadline = time.monotonic() + 2 * process.config.timeout_worker_healthcheck + 1
+    while time.monotonic() < deadline and not server.should_exit:
+        time.sleep(0.05)  # the parent pings every 0.5 s; its SIGTERM sets should_exit
+    if not server.should_exit:  # never pinged: uvicorn's own stop, status 0
+        print(message, file=sys.stderr, flush=True)
+    raise SystemExit(STARTUP_FAILURE)
+
+
+def _supervised_worker() -> uvicorn_multiprocess.Process | None:
+    if multiprocessing.parent_process() is None:
+        return None
+    kwargs = getattr(multiprocessing.current_process(), "_kwargs", None) or {}
+    process = getattr(kwargs.get("target"), "__self__", None)
+    if isinstance(process, uvicorn_multiprocess.Process) and process._server is not None:
+        return process
+    return None
+
+
+class _StopSupervisor:
+    """Pickled in a worker, unpickled in uvicorn's supervisor: there it stops everything."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __reduce__(self) -> tuple[Callable[[str], NoReturn], tuple[str]]:
+        return _stop_supervisor, (self.message,)
+
+
+def _stop_supervisor(message: str) -> NoReturn:
+    """Runs in uvicorn's supervisor process, inside its health check: every worker fails the
+    same way, so end them all (multiprocessing joins them at exit) and exit with the line."""
+    for child in multiprocessing.active_children():
+        child.terminate()
+    raise SystemExit(message)
+
+
+# ---- uvicorn-worker (gunicorn's UvicornWorker) -------------------------------------------------
+
+# W1. uvicorn_worker.UvicornWorker._install_sigquit_handler() routes SIGQUIT (gunicorn's quick
+#     stop) to self.handle_exit(SIGQUIT, None) with loop.add_signal_handler(); the stock
+#     handle_exit (gunicorn's Worker) only clears self.alive, which uvicorn never reads. Our
+#     worker overrides handle_exit to stop uvicorn quickly.
+# W2. uvicorn_worker.UvicornWorker.__init__ builds self.config (a uvicorn Config) from
+#     CONFIG_KWARGS and gunicorn's settings; our worker adjusts timeout_graceful_shutdown there.
+
+
+# ---- the check ---------------------------------------------------------------------------------
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def problems() -> list[str]:
+    """What no longer holds in the running uvicorn (empty when all is well)."""
+    found = []
+    server_cls = uvicorn.server.Server
+    if "self.handle_exit" not in _source(server_cls.capture_signals):
+        found.append("Server.capture_signals no longer installs Server.handle_exit")
+    if "_captured_signals" not in _source(server_cls.__init__):
+        found.append("Server has no _captured_signals")
+    if "self.shutdown(" not in _source(server_cls._serve):
+        found.append("Server._serve no longer calls self.shutdown()")
+    shutdown = _source(server_cls.shutdown)
+    if not 0 <= shutdown.find("connection.shutdown()") < shutdown.find("await "):
+        found.append("Server.shutdown no longer shuts connections down before it awaits")
+    return found
+
+
+def check_worker() -> list[str]:
+    """problems() plus the uvicorn-worker reaches of the UvicornWorker."""
+    found = problems()
+    try:
+        from uvicorn_worker import UvicornWorker
+    except ImportError:
+        return [*found, "uvicorn-worker is not installed"]
+    if "self.handle_exit" not in _source(getattr(UvicornWorker, "_install_sigquit_handler", None)):
+        found.append("uvicorn-worker no longer routes SIGQUIT to handle_exit")
+    return found
+
+
+def refusal(found: list[str]) -> str:
+    return (f"graceful-close: uvicorn {VERSION} is not supported: {'; '.join(found)} "
+            f"(tested with uvicorn 0.54, uvicorn-worker 0.4)")

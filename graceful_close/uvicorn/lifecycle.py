@@ -1,0 +1,56 @@
+"""A uvicorn server's start and stop, as graceful-close needs them.
+
+- At start (uvicorn loads our protocols in Server._serve -> Config.load, in every worker it
+  spawns too): the settings and the compat points are checked; a bad value ends the server
+  with one line and a non-zero status, `uvicorn --workers N` included (no endless respawn).
+- A quick stop (SIGINT to uvicorn; gunicorn's SIGQUIT to our UvicornWorker) ends every
+  connection at once, the lingering ones and those closed by the stop itself.
+- At the end of the stop the exit summary is logged, with or without open connections:
+  uvicorn leaves by re-raising the stop signal, so no atexit hook would ever run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn.server
+
+from .. import metrics
+from ..engines.aio import drain_engine
+from ..settings import SettingsError, current_settings
+from . import _compat
+
+
+def protocols_loaded() -> None:
+    """Our protocols module was imported. Inside a running uvicorn (the CLI, uvicorn.run with
+    the protocol named by a string, each spawned worker): the server is starting. Anywhere
+    else (tests, gunicorn's master, an application importing the class) nothing happens."""
+    server = _compat.running_server()
+    if server is not None:
+        server_starting(server)
+
+
+def server_starting(server: uvicorn.server.Server) -> None:
+    found = _compat.problems()
+    if found:
+        _compat.exit_at_startup(_compat.refusal(found))
+    try:
+        current_settings()
+    except SettingsError as exc:
+        _compat.exit_at_startup(str(exc))
+    metrics.maybe_start_for_worker()
+    watch_stop(server)
+
+
+def watch_stop(server: uvicorn.server.Server) -> None:
+    """Make the server's stop quick when asked, and log the summary when it is over."""
+    _compat.around_shutdown(server, before=_before_shutdown, after=metrics.flush_at_worker_exit)
+
+
+def _before_shutdown(server: uvicorn.server.Server) -> None:
+    if _compat.stopping_quickly(server):
+        # Server.shutdown() first asks every connection to shut down, which hands the idle
+        # and half-received ones to the drain engine, and only then awaits: ending what
+        # lingers right after that ends those too, as stock closes them at once.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(drain_engine(loop).begin_shutdown, 0.0)
