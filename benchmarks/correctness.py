@@ -20,7 +20,8 @@ def _scenarios(plan: Plan) -> dict:
         "pipelined_after_close": lambda t: pipelined_after_close(
             t, close_path=f"/big?close=1&size={BIG}", timeout=SCENARIO_TIMEOUT),
         "early_response_upload": lambda t: early_response_upload(
-            t, path=f"/upload?size={UPLOAD_RESPONSE}", upload_size=plan.upload_size, timeout=SCENARIO_TIMEOUT),
+            t, path=f"/upload?size={UPLOAD_RESPONSE}", upload_size=plan.upload_size,
+            timeout=SCENARIO_TIMEOUT),
     }
 
 
@@ -30,7 +31,7 @@ def measure_correctness(servers: dict[str, ServerProcess], plan: Plan, log=print
         for variant in alternating(i):
             target = Target("127.0.0.1", servers[variant].port)
             with ThreadPoolExecutor(plan.correctness_clients) as pool:
-                results = list(pool.map(lambda _: run(target), range(plan.correctness_clients)))
+                results = list(pool.map(run, [target] * plan.correctness_clients))
             intact = sum(r.intact for r in results)
             endings: dict[str, int] = {}
             for r in results:

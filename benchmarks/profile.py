@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             run_wrk(server.port, 1, 16, close=args.close)  # warm up
             cpu0, sw0 = cpu_and_switches(pid)
             result: dict = {}
-            load = threading.Thread(target=lambda: result.update(
-                wrk=run_wrk(server.port, args.seconds + 1, 16, close=args.close)))
+
+            def load_server(port: int = server.port, into: dict = result) -> None:
+                into["wrk"] = run_wrk(port, args.seconds + 1, 16, close=args.close)
+
+            load = threading.Thread(target=load_server)
             load.start()
             stacks = _collapsed(pid, args.seconds, Path(tmp) / "raw.txt")
             load.join()

@@ -214,14 +214,14 @@ def write_chart(targets: dict, path: Path) -> bool:
     cols = min(3, len(with_hol))
     rows = math.ceil(len(with_hol) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
-    for ax, (label, med) in zip(axes.flat, with_hol):
+    for ax, (label, med) in zip(axes.flat, with_hol, strict=False):  # spare axes stay empty
         ns = sorted(med["graceful"], key=int)
         xs = range(len(ns))
         for variant, style in (("stock", dict(color="tab:red", marker="o")),
                                ("graceful", dict(color="tab:blue", marker="s"))):
             ys = [med[variant][n]["p99"] * 1000 for n in ns]
             ax.plot(xs, ys, label=variant, **style)
-            for x, n, y in zip(xs, ns, ys):
+            for x, n, y in zip(xs, ns, ys, strict=True):
                 if med[variant][n]["censored"]:  # still waiting when the window closed
                     ax.annotate("≥", (x, y), textcoords="offset points", xytext=(-12, 2),
                                 color=style["color"], fontsize=11)
@@ -253,7 +253,8 @@ def write_report(results: dict, out_dir: Path) -> Path:
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     lines = [
         "# Benchmarks: graceful-close vs the stock servers", "",
-        f"Measured {meta['date']}{' (QUICK smoke run: small parameters, not a measurement)' if plan['quick'] else ''}"
+        f"Measured {meta['date']}"
+        f"{' (QUICK smoke run: small parameters, not a measurement)' if plan['quick'] else ''}"
         f" at commit {meta['git']}.", "",
         f"Command: `{meta['command']}` from the repository root "
         "(`--quick` for a smoke run; `--targets`, `--items` select parts).", "",
@@ -279,7 +280,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
     errors = [(e["label"], item, data["error"]) for e in targets.values()
               for item, data in e.items() if isinstance(data, dict) and "error" in data]
     if errors:
-        lines += ["## Errors during the run", ""] + [f"- {l}, {i}: {e}" for l, i, e in errors] + [""]
+        lines += ["## Errors during the run", ""] + [f"- {label}, {i}: {e}" for label, i, e in errors] + [""]
     seconds = [f"{e['label']}: " + ", ".join(f"{k} {v:g} s" for k, v in e.get("seconds", {}).items())
                for e in targets.values() if e.get("seconds")]
     lines += ["Time taken per item: " + "; ".join(seconds), ""]

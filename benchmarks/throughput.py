@@ -38,7 +38,7 @@ def measure_throughput(servers: dict[str, ServerProcess], plan: Plan, close: boo
         run_wrk(servers[variant].port, 1, plan.wrk_connections, close=close)
     for rep in range(plan.reps):
         for variant in alternating(rep):
-            for attempt in range(RETRIES + 1):
+            for _ in range(RETRIES + 1):
                 cpu_before, switches_before = cpu_and_switches(workers[variant])
                 with ForeignLoad([servers[v].pid for v in VARIANTS]) as load:
                     result = run_wrk(servers[variant].port, plan.throughput_seconds,
