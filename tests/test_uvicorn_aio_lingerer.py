@@ -2,8 +2,9 @@
 close ends (EOF, idle and total deadlines, byte cap, eviction, shutdown) and what
 the client sees (FIN first; RST only once everything it was sent is acked).
 
-No uvicorn here: a minimal protocol answers, then hands its transport to the engine,
-forwarding data_received / eof_received / connection_lost as graceful_close.uvicorn does.
+No uvicorn here: a minimal protocol answers, then hands its transport to the engine
+with hand_off(), as graceful_close.uvicorn does; from then on the engine is the
+transport's protocol.
 """
 
 from __future__ import annotations
@@ -11,37 +12,28 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 
-from graceful_close.engines.aio import AioLingerer, Linger
 from graceful_close.core import Counters
+from graceful_close.engines.aio import AsyncioDrainEngine
 from graceful_close.settings import Settings
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
 
 
 class Answering(asyncio.Protocol):
-    def __init__(self, engine: AioLingerer) -> None:
+    def __init__(self, engine: AsyncioDrainEngine) -> None:
         self.engine = engine
-        self.linger: Linger | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        if self.linger is not None:
-            self.linger.data_received(len(data))
-            return
-        self.transport.write(RESPONSE)  # type: ignore[attr-defined]
-        self.linger = self.engine.start(self.transport)  # type: ignore[arg-type]
-
-    def eof_received(self) -> bool:
-        return self.linger.eof_received() if self.linger else False
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self.linger is not None:
-            self.linger.connection_lost(exc)
+        self.transport.write(RESPONSE)
+        self.engine.hand_off(self.transport)
+        assert self.transport.get_protocol() is not self  # the engine owns it now
 
 
 async def _recv_all(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, str]:
@@ -56,12 +48,12 @@ async def _recv_all(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes
     return data, "FIN"
 
 
-def run(settings: Settings, client: Callable[[int, AioLingerer], object]) -> Counters:
+def run(settings: Settings, client: Callable[[int, AsyncioDrainEngine], object]) -> Counters:
     counters = Counters()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        engine = AioLingerer(loop, settings, counters)
+        engine = AsyncioDrainEngine(loop, settings, counters)
         server = await loop.create_server(lambda: Answering(engine), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
@@ -84,7 +76,7 @@ async def _request(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 
 def test_client_close_is_the_clean_end() -> None:
-    async def client(port: int, engine: AioLingerer) -> None:
+    async def client(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         assert await reader.read(65536) == RESPONSE
         writer.write(b"pipelined junk" * 1000)  # arrives while lingering: discarded
@@ -99,7 +91,7 @@ def test_client_close_is_the_clean_end() -> None:
 
 
 def test_silent_client_is_reset_after_the_idle_deadline_once_acked() -> None:
-    async def client(port: int, engine: AioLingerer) -> None:
+    async def client(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         data = await reader.read(65536)
         assert data == RESPONSE
@@ -114,7 +106,7 @@ def test_silent_client_is_reset_after_the_idle_deadline_once_acked() -> None:
 
 
 def test_trickling_client_ends_at_linger_time_and_byte_cap_ends_sooner() -> None:
-    async def trickle(port: int, engine: AioLingerer) -> None:
+    async def trickle(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         for _ in range(6):  # 1.2 s of a byte every 0.2 s: idle never expires
             writer.write(b"t")
@@ -129,7 +121,7 @@ def test_trickling_client_ends_at_linger_time_and_byte_cap_ends_sooner() -> None
 
 
 def test_oldest_is_evicted_beyond_max_lingering() -> None:
-    async def client(port: int, engine: AioLingerer) -> None:
+    async def client(port: int, engine: AsyncioDrainEngine) -> None:
         writers = []
         for _ in range(3):
             reader, writer = await _request(port)
@@ -145,7 +137,7 @@ def test_oldest_is_evicted_beyond_max_lingering() -> None:
 
 
 def test_shutdown_ends_lingering_connections_at_its_deadline() -> None:
-    async def client(port: int, engine: AioLingerer) -> None:
+    async def client(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         assert await reader.read(65536) == RESPONSE
         engine.begin_shutdown(0.1)
@@ -160,7 +152,7 @@ def test_shutdown_ends_lingering_connections_at_its_deadline() -> None:
 
 @pytest.mark.parametrize("abort", [True, False])
 def test_abort_on_timeout_can_be_turned_off(abort) -> None:
-    async def client(port: int, engine: AioLingerer) -> None:
+    async def client(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         assert await reader.read(65536) == RESPONSE
         await asyncio.sleep(0.6)
@@ -169,3 +161,46 @@ def test_abort_on_timeout_can_be_turned_off(abort) -> None:
     counters = run(short(abort_on_timeout=abort), client)
     assert counters.ended_idle_timeout == 1
     assert counters.aborted_with_rst == int(abort)
+
+
+def test_one_timer_per_loop_however_many_linger() -> None:
+    async def client(port: int, engine: AsyncioDrainEngine) -> None:
+        conns = [await _request(port) for _ in range(50)]
+        for reader, _ in conns:
+            assert await reader.read(65536) == RESPONSE
+        await asyncio.sleep(0.05)
+        assert engine.lingering == 50
+        loop = asyncio.get_running_loop()
+        # asyncio's heap of timer handles: the sweep, not one per connection
+        assert len(loop._scheduled) <= 2  # type: ignore[attr-defined]
+        for _, writer in conns:
+            writer.close()
+
+    counters = run(short(linger_timeout=5.0, linger_time=10.0), client)
+    assert counters.ended_eof == 50
+
+
+def test_uvloop_transport_is_handed_off_too() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    counters = Counters()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        engine = AsyncioDrainEngine(loop, short(), counters)
+        server = await loop.create_server(lambda: Answering(engine), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await _request(port)
+        assert await reader.read(65536) == RESPONSE
+        writer.write(b"junk" * 100)
+        assert await _recv_all(reader, 2) == (b"", "FIN")
+        writer.close()
+        silent_reader, silent = await _request(port)
+        assert await silent_reader.read(65536) == RESPONSE
+        await asyncio.sleep(0.7)  # idle deadline 0.3 s: RST once everything is acked
+        assert engine.lingering == 0
+        silent.close()
+        server.close()
+
+    uvloop.run(main())
+    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 1
+    assert counters.ended_eof == 1

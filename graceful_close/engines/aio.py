@@ -1,15 +1,29 @@
-"""Asyncio drain engine: the lingering close driven by transport callbacks.
+"""Asyncio drain engine: the lingering close of transports handed off by a server.
 
-No thread and no blocking call: the protocol forwards data_received,
-eof_received and connection_lost of a closing connection here, and one timer
-per connection (re-armed lazily at LingerState.deadline) ends the ones that
-never close. Decisions come from the sans-io core, like the threaded engine.
+    engine = drain_engine(loop)        # one per event loop
+    engine.hand_off(transport)         # the response is queued; the engine owns it now
 
-Plain TCP: write_eof() (the transport sends FIN after the queued response),
-read and discard until EOF or a deadline, then close; RST on a timeout only
-when the transport's buffer is empty and the kernel says nothing is unacked.
-TLS (no write_eof): read and discard until the client closes or a deadline,
-then close() which sends close_notify.
+hand_off() takes the transport over: write_eof() on plain TCP (the FIN follows the
+queued response), transport.set_protocol() to a LingeringConnection (a small
+__slots__ protocol that only counts and discards what the client still sends), and
+resume_reading(). The server's own protocol object, parser and request state are
+no longer referenced by the transport and can be freed at once; the caller does its
+connection-lost bookkeeping right after hand_off() and never touches the transport
+again.
+
+No thread, no blocking call, and no timer per connection: the lingering connections
+of a loop sit in one OrderedDict ordered by their last activity, so with one shared
+linger_timeout the idle deadlines are in the same order, and ONE timer handle per
+loop (armed at the earliest deadline, at most every SWEEP_INTERVAL) ends the due
+ones from the front. linger_time is checked whenever a connection shows activity
+(data, or its response still flushing), which is the only way it can outlive its
+idle deadline. Decisions come from the sans-io core (LingerState), like the
+threaded engine; the RST rule uses engines.sockets.can_abort_safely.
+
+Plain TCP: FIN after the response, discard until EOF or a deadline, then close;
+RST on a deadline only when the transport's buffer is empty and the kernel says
+nothing is unacknowledged. TLS (no half-close): discard until the client closes
+or a deadline, then close() which sends close_notify after the response.
 """
 
 from __future__ import annotations
@@ -18,14 +32,20 @@ import asyncio
 import socket
 import struct
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable, MutableSet
+from typing import Any
 
 from ..core.counters import PROCESS_COUNTERS, Counters
 from ..core.linger import Ending, LingerState
-from ..settings import Settings
+from ..settings import Settings, current_settings
 from .sockets import can_abort_safely
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+
+# Deadlines are coarse, like nginx's: one sweep ends every connection due by then,
+# and sweeps are at least this far apart however many connections linger.
+SWEEP_INTERVAL = 0.1
 
 # After the shutdown deadline, connections whose final close has not completed
 # (a client that stopped reading, a TLS peer that never answers close_notify)
@@ -34,108 +54,60 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 SHUTDOWN_FORCE_GRACE = 1.0
 
 
-class Linger:
-    """One connection between its half-close and its close."""
+class LingeringConnection(asyncio.Protocol):
+    """One handed-off connection: the transport's protocol from the hand-off to the close."""
 
-    __slots__ = ("_engine", "transport", "state", "tls", "_timer", "_lost", "_closing_since",
-                 "__weakref__")
+    __slots__ = ("engine", "transport", "state", "tls", "server_connections")
 
-    def __init__(self, engine: AioLingerer, transport: asyncio.Transport, now: float) -> None:
-        self._engine = engine
+    def __init__(self, engine: AsyncioDrainEngine, transport: asyncio.Transport, tls: bool,
+                 server_connections: MutableSet[Any] | None) -> None:
+        self.engine = engine
         self.transport = transport
-        self.state = LingerState(engine.settings, now)
-        self.tls = bool(transport.get_extra_info("sslcontext"))
-        self._timer: asyncio.TimerHandle | None = None
-        self._lost = False
-        self._closing_since: float | None = None
+        self.state = LingerState(engine.settings, engine.loop.time())
+        self.tls = tls
+        # The server's set of open connections (uvicorn's server_state.connections): a
+        # lingering connection stays in it, so the server's stop waits for it and calls
+        # our shutdown(), as it did for the protocol object we replace.
+        self.server_connections = server_connections
 
-    @property
-    def ended(self) -> bool:
-        return self.state.ending is not None
+    # ---- transport callbacks (the transport's protocol after set_protocol) ------------
 
-    # ---- events from the protocol --------------------------------------------------
-
-    def data_received(self, nbytes: int) -> None:
-        if not self.ended:
-            self._finish(self.state.on_data(nbytes, self._engine.loop.time()))
+    def data_received(self, data: bytes) -> None:
+        engine = self.engine
+        ending = self.state.on_data(len(data), engine.loop.time())
+        if ending is not None:
+            engine._finish(self, ending)
+        elif self in engine._lingering:
+            engine._lingering.move_to_end(self)  # activity: its idle deadline moved back
 
     def eof_received(self) -> bool:
-        """The client closed: the clean end. Returns False so the transport closes."""
-        self._finish(self.state.on_eof())
+        """The client closed: the clean end. False: the transport closes itself."""
+        ending = self.state.on_eof()
+        if ending is not None:
+            self.engine._finish(self, ending, closing=False)
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._lost = True
-        self._cancel_timer()
-        self._engine._closing.discard(self)
-        if not self.ended:  # the peer reset, or the transport closed on its own
+        engine = self.engine
+        engine._closing.pop(self, None)
+        if self.state.ending is None:  # the peer reset, or the transport closed on its own
+            engine._lingering.pop(self, None)
             ending = self.state.on_error() if exc is not None else self.state.on_eof()
-            self._engine._lingering.pop(id(self), None)
             assert ending is not None
-            self._engine.counters.record_end(ending.reason, self.state.discarded, False)
+            engine.counters.record_end(ending.reason, self.state.discarded, False)
+        connections = self.server_connections
+        if connections is not None:
+            connections.discard(self)
+            if not connections and engine.stopping and engine.when_server_empty is not None:
+                engine.when_server_empty()
 
-    # ---- engine side ---------------------------------------------------------------
+    # ---- what a server calls on its open connections ----------------------------------
 
-    def _begin(self) -> None:
-        transport = self.transport
-        if not self.tls and transport.can_write_eof():
-            try:
-                transport.write_eof()  # FIN goes out once the queued response is flushed
-            except (OSError, RuntimeError):
-                self._finish(self.state.on_error())
-                return
-        try:
-            transport.resume_reading()  # uvicorn may have paused it (pipelining, flow control)
-        except (OSError, RuntimeError):
-            pass
-        self._arm(self.state.deadline)
+    def shutdown(self) -> None:
+        """uvicorn's Server.shutdown() calls this on every open connection."""
+        self.engine.begin_shutdown(self.engine.settings.linger_time)
 
-    def _arm(self, when: float) -> None:
-        self._cancel_timer()
-        self._timer = self._engine.loop.call_at(when, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self.ended:
-            return
-        now = self._engine.loop.time()
-        if self.transport.get_write_buffer_size() > 0:
-            # Still flushing the response to a client that reads it: that is activity,
-            # so only linger_time bounds it.
-            ending = self.state.on_data(0, now)
-        else:
-            ending = self.state.on_timer(now)
-        if ending is None:
-            self._arm(self.state.deadline)
-        else:
-            self._finish(ending)
-
-    def _finish(self, ending: Ending | None) -> None:
-        if ending is None:  # ended already, or nothing to end yet
-            return
-        engine = self._engine
-        engine._lingering.pop(id(self), None)
-        self._cancel_timer()
-        aborted = False
-        if not self._lost:
-            if ending.abort_if_acked and not self.tls and self._safe_to_abort():
-                aborted = _abort_with_rst(self.transport)
-            if not aborted:
-                self.transport.close()  # flushes what is queued, then closes (TLS: close_notify)
-                if not self._lost:
-                    self._closing_since = engine.loop.time()
-                    engine._closing.add(self)
-                    if self.tls and ending.abort_if_acked:
-                        # The client ignored our close_notify for linger_timeout: RST once
-                        # it has acknowledged everything, close_notify included.
-                        self._timer = engine.loop.call_later(
-                            engine.settings.linger_timeout, self._abort_tls_if_acked)
-        engine.counters.record_end(ending.reason, self.state.discarded, aborted)
+    # ---- close -------------------------------------------------------------------
 
     def _safe_to_abort(self) -> bool:
         if self.transport.get_write_buffer_size() > 0:
@@ -143,17 +115,8 @@ class Linger:
         fd = _fileno(self.transport)
         return fd is not None and can_abort_safely(fd, fin_sent=not self.tls)  # TLS: no half-close
 
-    def _abort_tls_if_acked(self) -> None:
-        self._timer = None
-        if not self._lost and self._safe_to_abort() and _abort_with_rst(self.transport):
-            self._engine.counters.aborted_with_rst += 1
 
-    def _force_abort(self) -> None:
-        if not self._lost:
-            self.transport.abort()
-
-
-class AioLingerer:
+class AsyncioDrainEngine:
     """The lingering connections of one event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: Settings,
@@ -161,63 +124,160 @@ class AioLingerer:
         self.loop = loop
         self.settings = settings
         self.counters = counters
-        self._lingering: OrderedDict[int, Linger] = OrderedDict()  # oldest first
-        self._closing: weakref.WeakSet[Linger] = weakref.WeakSet()  # ended, close in progress
+        # Oldest activity first: the front has the earliest idle deadline, and is evicted first.
+        self._lingering: OrderedDict[LingeringConnection, None] = OrderedDict()
+        # Ended, transport.close() called, connection_lost not yet: value = when it ended.
+        self._closing: dict[LingeringConnection, float] = {}
+        # TLS connections that ignored our close_notify: RST once acked, at the given time.
+        self._tls_abort_due: deque[tuple[float, LingeringConnection]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0
         self._shutdown_at: float | None = None
+        self._shutdown_timer: asyncio.TimerHandle | None = None
+        # Called when a stopping server's last connection is gone (the adapter logs its
+        # exit summary there: uvicorn leaves by re-raising the signal, atexit never runs).
+        self.when_server_empty: Callable[[], None] | None = None
 
     @property
     def lingering(self) -> int:
         return len(self._lingering)
 
     @property
-    def closing(self) -> int:
-        return len(self._closing)
-
-    def start(self, transport: asyncio.Transport) -> Linger | None:
-        """Begin the lingering close of a transport whose response is queued.
-
-        None when the transport is closing already (nothing to linger on).
-        """
-        if transport.is_closing():
-            return None
-        while len(self._lingering) >= self.settings.max_lingering:
-            oldest = next(iter(self._lingering.values()))
-            oldest._finish(oldest.state.on_evict())
-        linger = Linger(self, transport, self.loop.time())
-        self.counters.lingering_started += 1
-        self._lingering[id(linger)] = linger
-        linger._begin()
-        return linger
-
-    @property
     def stopping(self) -> bool:
         return self._shutdown_at is not None
+
+    # ---- entry point -----------------------------------------------------------------
+
+    def hand_off(self, transport: asyncio.Transport,
+                 server_connections: MutableSet[Any] | None = None) -> None:
+        """Take a transport whose last response is queued, and close it lingering.
+
+        server_connections: the server's set of open connections; the lingering
+        connection replaces the caller's protocol in it until the socket is closed.
+        """
+        if transport.is_closing():
+            return  # closed already: nothing to linger on
+        lingering = self._lingering
+        while len(lingering) >= self.settings.max_lingering:
+            oldest = next(iter(lingering))
+            ending = oldest.state.on_evict()
+            assert ending is not None
+            self._finish(oldest, ending)
+        tls = transport.get_extra_info("sslcontext") is not None
+        conn = LingeringConnection(self, transport, tls, server_connections)
+        if server_connections is not None:
+            server_connections.add(conn)
+        transport.set_protocol(conn)
+        self.counters.lingering_started += 1
+        lingering[conn] = None
+        if not tls and transport.can_write_eof():
+            try:
+                transport.write_eof()  # FIN goes out once the queued response is flushed
+            except (OSError, RuntimeError):
+                ending = conn.state.on_error()
+                assert ending is not None
+                self._finish(conn, ending)
+                return
+        try:
+            transport.resume_reading()  # the server may have paused it (pipelining, flow control)
+        except (OSError, RuntimeError):
+            pass
+        if self._sweep is None:
+            self._arm(conn.state.deadline)
+
+    # ---- the one timer ---------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        when = max(when, self._sweep_at + SWEEP_INTERVAL)
+        self._sweep = self.loop.call_at(when, self._on_sweep)
+
+    def _on_sweep(self) -> None:
+        now = self._sweep_at = self.loop.time()
+        self._sweep = None
+        lingering = self._lingering
+        while lingering:
+            conn = next(iter(lingering))
+            state = conn.state
+            if state.deadline > now:
+                break
+            if conn.transport.get_write_buffer_size() > 0:
+                # Still flushing the response to a client that reads it: that is activity,
+                # so only linger_time bounds it.
+                ending = state.on_data(0, now)
+                if ending is None:
+                    lingering.move_to_end(conn)  # its deadline is now + linger_timeout
+                    continue
+            else:
+                ending = state.on_timer(now)
+                assert ending is not None  # its deadline passed
+            self._finish(conn, ending)
+        due = self._tls_abort_due
+        while due and due[0][0] <= now:
+            conn = due.popleft()[1]
+            if conn in self._closing and conn._safe_to_abort() and _abort_with_rst(conn.transport):
+                self.counters.aborted_with_rst += 1
+        deadlines = [due[0][0]] if due else []
+        if lingering:
+            deadlines.append(next(iter(lingering)).state.deadline)
+        if deadlines:
+            self._arm(min(deadlines))
+
+    # ---- ending one connection -------------------------------------------------------
+
+    def _finish(self, conn: LingeringConnection, ending: Ending, closing: bool = True) -> None:
+        """End a lingering connection; closing=False when the transport closes itself (EOF)."""
+        self._lingering.pop(conn, None)
+        aborted = False
+        transport = conn.transport
+        if closing and not transport.is_closing():
+            if ending.abort_if_acked and not conn.tls and conn._safe_to_abort():
+                aborted = _abort_with_rst(transport)
+            if not aborted:
+                transport.close()  # flushes what is queued, then closes (TLS: close_notify)
+                now = self.loop.time()
+                self._closing[conn] = now
+                if conn.tls and ending.abort_if_acked:
+                    # The client ignored our close_notify for linger_timeout: RST once it
+                    # has acknowledged everything, close_notify included.
+                    self._tls_abort_due.append((now + self.settings.linger_timeout, conn))
+                    if self._sweep is None:
+                        self._arm(now + self.settings.linger_timeout)
+        self.counters.record_end(ending.reason, conn.state.discarded, aborted)
+
+    # ---- stop ------------------------------------------------------------------------
 
     def begin_shutdown(self, grace: float) -> None:
         """The server is stopping: whatever lingers `grace` seconds from now ends then.
 
-        Idempotent; `grace` is capped at linger_time.
+        `grace` is capped at linger_time; a later call can only bring the end closer.
         """
-        if self._shutdown_at is not None:
-            return
         grace = max(0.0, min(grace, self.settings.linger_time))
-        self._shutdown_at = self.loop.time() + grace
-        self.loop.call_at(self._shutdown_at, self._end_for_shutdown)
+        at = self.loop.time() + grace
+        if self._shutdown_at is not None and self._shutdown_at <= at:
+            return
+        self._shutdown_at = at
+        if self._shutdown_timer is not None:
+            self._shutdown_timer.cancel()
+        self._shutdown_timer = self.loop.call_at(at, self._end_for_shutdown)
 
     def _end_for_shutdown(self) -> None:
-        assert self._shutdown_at is not None
-        for linger in list(self._lingering.values()):
-            if linger.state.started <= self._shutdown_at:
-                linger._finish(linger.state.on_shutdown())
-        self.loop.call_later(SHUTDOWN_FORCE_GRACE, self._abort_stuck_closes)
+        shutdown_at = self._shutdown_at
+        assert shutdown_at is not None
+        for conn in list(self._lingering):
+            if conn.state.started <= shutdown_at:
+                ending = conn.state.on_shutdown()
+                assert ending is not None
+                self._finish(conn, ending)
+        self._shutdown_timer = self.loop.call_later(SHUTDOWN_FORCE_GRACE, self._abort_stuck_closes)
 
     def _abort_stuck_closes(self) -> None:
-        assert self._shutdown_at is not None
-        for linger in list(self._closing):
-            since = linger._closing_since
-            if since is not None and since <= self._shutdown_at:
-                linger._force_abort()
+        shutdown_at = self._shutdown_at
+        assert shutdown_at is not None
+        for conn, since in list(self._closing.items()):
+            if since <= shutdown_at:
+                conn.transport.abort()
         self._shutdown_at = None  # done; a later server on this loop may stop again
+        self._shutdown_timer = None
 
 
 def _fileno(transport: asyncio.BaseTransport) -> int | None:
@@ -225,7 +285,7 @@ def _fileno(transport: asyncio.BaseTransport) -> int | None:
     if sock is None:
         return None
     try:
-        fd = sock.fileno()
+        fd: int = sock.fileno()
     except (OSError, ValueError):
         return None
     return fd if fd >= 0 else None
@@ -245,13 +305,17 @@ def _abort_with_rst(transport: asyncio.Transport) -> bool:
     return True
 
 
-_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioLingerer] = (
+_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncioDrainEngine] = (
     weakref.WeakKeyDictionary())
 
 
-def aio_lingerer(loop: asyncio.AbstractEventLoop, settings: Settings) -> AioLingerer:
-    """The engine of this event loop, created on first use."""
+def drain_engine(loop: asyncio.AbstractEventLoop) -> AsyncioDrainEngine:
+    """The drain engine of this event loop, created on first use with current_settings()."""
     engine = _engines.get(loop)
     if engine is None:
-        engine = _engines[loop] = AioLingerer(loop, settings)
+        engine = _engines[loop] = AsyncioDrainEngine(loop, current_settings())
     return engine
+
+
+__all__ = ["AsyncioDrainEngine", "LingeringConnection", "SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL",
+           "drain_engine"]

@@ -12,9 +12,11 @@ that engine, so uvicorn's parser never sees it. They also apply the keep-alive
 policy (request cap, connection age, User-Agent rules) and re-arm the
 keep-alive timer after an early response's unread body has been discarded.
 
-Settings come from GRACEFUL_CLOSE_* variables, read once when uvicorn imports
-this module at startup (a bad value stops it with a one-line message), or from
-configure(**kwargs) called before the server starts.
+Settings come from graceful_close.settings.current_settings(): GRACEFUL_CLOSE_*
+variables, or configure(**kwargs) called before the server starts (it exports them,
+so the workers `uvicorn --workers N` spawns get them too). They are checked when
+uvicorn loads this module to start a server (graceful_close.uvicorn.lifecycle: a bad
+value stops it with one line) and read at the first request.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from uvicorn.protocols.http import h11_impl
 
 from .. import metrics
 from ..core.keepalive import KeepAliveDecision, KeepAlivePolicy
-from ..engines.aio import Linger, aio_lingerer
-from ..settings import Settings, SettingsError
+from ..engines.aio import drain_engine
+from ..settings import configure, current_settings
+from . import lifecycle
 
 try:
     from uvicorn.protocols.http import httptools_impl
@@ -37,30 +40,15 @@ except ImportError:  # httptools is optional in uvicorn
     httptools_impl = None  # type: ignore[assignment]
 
 
-def _settings_or_exit(**kwargs: Any) -> Settings:
-    """A bad value stops the server with its one-line message, not a traceback."""
-    try:
-        return Settings.from_env(**kwargs)
-    except SettingsError as exc:
-        raise SystemExit(str(exc)) from None
+# Built from current_settings() at the first request, not at import: configure() may run
+# after this module is imported (uvicorn.run with the class), and in spawned workers.
+_policy: KeepAlivePolicy | None = None
 
 
-# Read when uvicorn imports the protocol class, i.e. at startup; forked workers inherit it.
-_settings: Settings = _settings_or_exit()
-_policy = KeepAlivePolicy(_settings)
-
-
-def configure(**kwargs: Any) -> Settings:
-    """Settings for code that starts uvicorn itself (uvicorn.run, uvicorn.Config): keyword
-    arguments win over GRACEFUL_CLOSE_* variables. Call it before the server starts."""
-    global _settings, _policy
-    _settings = _settings_or_exit(**kwargs)
-    _policy = KeepAlivePolicy(_settings)
-    return _settings
-
-
-def current_settings() -> Settings:
-    return _settings
+def _first_policy() -> KeepAlivePolicy:
+    global _policy
+    _policy = KeepAlivePolicy(current_settings())
+    return _policy
 
 
 _metrics_started = False
@@ -102,7 +90,8 @@ class ClosingTransport(asyncio.Transport):
         if not self._closing:
             self._closing = True
             self.write = self.writelines = _drop
-            self._on_close()
+            on_close, self._on_close = self._on_close, _drop  # no cycle back to the protocol
+            on_close()
 
     def is_closing(self) -> bool:
         return self._closing or self._real.is_closing()
@@ -140,7 +129,7 @@ class _LingeringCloseMixin:
             _metrics_started = True
             metrics.maybe_start_for_worker()
         self._gc_real = transport
-        self._gc_linger: Linger | None = None
+        self._gc_linger = False
         self._gc_lost = False
         self._gc_upgraded = False
         self._gc_requests = 0
@@ -152,18 +141,16 @@ class _LingeringCloseMixin:
     # ---- the lingering close -------------------------------------------------------
 
     def _gc_begin_linger(self) -> None:
-        if self._gc_linger is not None or self._gc_lost:
+        if self._gc_linger or self._gc_lost:
             return
-        self._unset_keepalive_if_required()  # type: ignore[attr-defined]
-        if self.flow is not None:
-            self.flow.read_paused = False  # the engine resumes reading
-        self._gc_linger = aio_lingerer(self.loop, _settings).start(self._gc_real)
+        self._gc_linger = True
+        engine = drain_engine(self.loop)
+        engine.when_server_empty = metrics.flush_at_worker_exit
+        engine.hand_off(self._gc_real, self.server_state.connections)
+        # The engine owns the socket now; uvicorn's own bookkeeping frees this protocol.
+        self.connection_lost(None)
 
     def data_received(self, data: bytes) -> None:
-        linger = self._gc_linger
-        if linger is not None:  # after the close: discard, never parse
-            linger.data_received(len(data))
-            return
         super().data_received(data)  # type: ignore[misc]
         cycle = self.cycle
         if (cycle is not None and cycle.response_complete and self.timeout_keep_alive_task is None
@@ -174,25 +161,20 @@ class _LingeringCloseMixin:
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler)  # type: ignore[attr-defined]
 
-    def eof_received(self) -> bool | None:
-        if self._gc_linger is not None:
-            return self._gc_linger.eof_received()
-        return super().eof_received()  # type: ignore[misc]
-
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._gc_lost:
+            return
         self._gc_lost = True  # uvicorn calls transport.close() in here: nothing to linger on
-        if self._gc_linger is not None:
-            self._gc_linger.connection_lost(exc)
         super().connection_lost(exc)  # type: ignore[misc]
-        if not self.server_state.connections and aio_lingerer(self.loop, _settings).stopping:
+        if not self.server_state.connections and drain_engine(self.loop).stopping:
             # uvicorn leaves by re-raising SIGTERM/SIGINT, so atexit never runs: the last
             # connection of a stopping server is the last moment we can log the summary.
             metrics.flush_at_worker_exit()
 
     def shutdown(self) -> None:
-        engine = aio_lingerer(self.loop, _settings)
+        engine = drain_engine(self.loop)
         engine.begin_shutdown(_shutdown_grace(self.config))
-        if self._gc_linger is None:
+        if not self._gc_linger:
             # Every unanswered request ends the connection, in particular the one in flight:
             # stock httptools marks only the last one parsed, and would first serve all the
             # pipelined ones; stock h11 closes without a Connection: close header.
@@ -233,8 +215,8 @@ class _LingeringCloseMixin:
         if self._gc_close_decided:  # pipelined behind the last response: never answered
             cycle.keep_alive = False
             return
-        decision = _policy.decide(self._gc_requests, self._gc_accepted, self.loop.time(),
-                                  user_agent, self.scope["method"])
+        decision = (_policy or _first_policy()).decide(
+            self._gc_requests, self._gc_accepted, self.loop.time(), user_agent, self.scope["method"])
         if decision.keep_alive:
             extra = (b"keep-alive", _keep_alive_value(decision, self.timeout_keep_alive))
         else:
@@ -294,7 +276,7 @@ def _close_after_response(cycle: Any) -> None:
 def _shutdown_grace(config: Any) -> float:
     """Lingering connections end by linger_time after shutdown begins, and before uvicorn's
     own --timeout-graceful-shutdown if that is shorter."""
-    grace = _settings.linger_time
+    grace = current_settings().linger_time
     graceful = getattr(config, "timeout_graceful_shutdown", None)
     if graceful:
         grace = min(grace, max(graceful - 0.5, 0.0))
@@ -308,7 +290,7 @@ class H11Protocol(_LingeringCloseMixin, h11_impl.H11Protocol):
         before = self.cycle
         super().handle_events()
         # h11 yields at most one new request per call (the next one waits, PAUSED).
-        if self.cycle is not before and self._gc_linger is None:
+        if self.cycle is not before and not self._gc_linger:
             self._gc_on_request(self.cycle)
 
     def _gc_between_requests(self) -> bool:
@@ -334,3 +316,5 @@ else:  # pragma: no cover - without httptools
 
 __all__ = ["AutoHTTPProtocol", "ClosingTransport", "H11Protocol", "HttpToolsProtocol",
            "configure", "current_settings"]
+
+lifecycle.protocols_loaded()  # uvicorn is loading us to start a server: check, watch its stop
