@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .console import table_console
 from .launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess, gunicorn_server, uvicorn_server
-from .probe import FAIL, PASS, ProbeConfig, ProbeReport, Verdict, run_probe
+from .probe import FAIL, NOT_EXERCISED, PASS, WARN, ProbeConfig, ProbeReport, Verdict, run_probe
 from .scenarios import Target, never_closing, timed_request
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def _bytes_cell(v: Verdict) -> str:
     received = v.data.get("received")
     ending = {"FIN+RST": "FIN+RST", "OPEN": "open"}.get(str(v.data.get("ending")),
                                                              str(v.data.get("ending")))
-    if v.status == PASS:
+    if v.status in (PASS, WARN):
         return f"intact, {ending}"
     return f"{received} B, {ending}"
 
@@ -218,6 +218,8 @@ def cell(row: DemoRow, scenario: str) -> tuple[str, bool | None]:
     if v is None:
         return "-", None
     good = None if v.status not in (PASS, FAIL) else v.status == PASS
+    if v.status == NOT_EXERCISED:
+        return "not exercised", good
     if scenario in ("close-pipeline", "upload"):
         return _bytes_cell(v), good
     if scenario == "pipeline":
@@ -226,7 +228,7 @@ def cell(row: DemoRow, scenario: str) -> tuple[str, bool | None]:
     if scenario == "idle":
         if (v.data.get("idle_timeout") or 0) <= 0.05 and v.status == PASS:
             return "no keep-alive", good
-        return ("clean EOF" if v.status == PASS else "RST") if v.status != "skip" else v.outcome, good
+        return ("clean EOF" if v.status == PASS else "RST"), good
     drained = v.data.get("drained_for", 0.0)
     if v.status == PASS:
         return f">= {drained:.1f} s", good

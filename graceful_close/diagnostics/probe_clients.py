@@ -2,7 +2,13 @@
 
 Built on wire.ResponseReader and scenarios.Target. Every client is bounded: by
 request count, by bytes read (CappedReader) and by wall time. They only send
-GET requests, except upload(), which POSTs a throw-away body.
+GET requests, except upload() and drain_upload(), which POST a throw-away body.
+
+Every client does only what a conforming client may do (RFC 9112): it never sends
+a request after a `Connection: close` of its own (section 9.6). The server decides
+to close (an HTTP/1.0 request, an answer with `Connection: close`, its request cap,
+its idle timeout), or the client keeps sending an upload that the server answered
+before reading it (section 9.3 lets a client finish sending a body).
 
 A reset that arrives after the server's FIN does not show up in recv() on
 Linux (the EOF is returned first), so peer_reset() asks the kernel for the
@@ -11,20 +17,27 @@ socket's TCP state: CLOSE after an EOF means the peer answered with RST.
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import ssl
 import sys
+import termios
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .scenarios import Target, collect_responses, send_unread_upload
 from .wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
 TCP_CLOSE_STATE = 7  # Linux tcp_states.h: TCP_CLOSE, where a socket lands after RST
 RESET_SETTLE = 0.1   # seconds to let a reset provoked by our last bytes come back
-KEEP_OPEN_WAIT = 1.0  # after an answer: a server that closes does so at once
-END_WAIT = 2.0        # after a Connection: close answer: time for the server's FIN
+END_WAIT = 2.0       # after an answer that ends the connection: time for the server's FIN
+OPEN_WAIT = 2.0      # after an early answer: how long a connection may stay open unexplained
+FOLLOW_GAP = 0.05    # in-flight pipelined requests leave this long after the first request
+READ_DELAY = 0.3     # a client busy elsewhere reads this late
+DRAIN_CHUNK = 65536
+IDLE_SLACK = 1.0     # wait this much past an announced Keep-Alive timeout for the close
 
 
 class CappedReader(ResponseReader):
@@ -57,6 +70,15 @@ def peer_reset(sock: socket.socket) -> bool | None:
     return info[0] == TCP_CLOSE_STATE
 
 
+def queued_bytes(sock: socket.socket) -> int | None:
+    """Bytes waiting unread in our receive queue (encrypted bytes on TLS), where known."""
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"),
+                              sys.byteorder)
+    except OSError:
+        return None
+
+
 def ending_after_eof(sock: socket.socket, kind: str, settle: float = RESET_SETTLE) -> str:
     """'FIN' becomes 'FIN+RST' when the server reset the connection right after its FIN."""
     if not kind.startswith("FIN"):
@@ -69,6 +91,12 @@ def get(target: Target, path: str, close: bool = False) -> bytes:
     return request_bytes("GET", path, target.authority, {"Connection": "close"} if close else None)
 
 
+def get_http10(target: Target, path: str) -> bytes:
+    """An HTTP/1.0 GET without keep-alive: the server closes after answering it."""
+    return request_bytes("GET", path, target.authority).replace(b" HTTP/1.1\r\n",
+                                                                b" HTTP/1.0\r\n", 1)
+
+
 @dataclass
 class Exchange:
     """What one connection saw: responses, how it ended, timings (seconds)."""
@@ -77,7 +105,7 @@ class Exchange:
     ending: str = "?"
     elapsed: float = 0.0
     note: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-ready details per client
 
     @property
     def complete(self) -> int:
@@ -86,6 +114,10 @@ class Exchange:
     @property
     def partial(self) -> list[Response]:
         return [r for r in self.responses if not r.complete]
+
+    @property
+    def first(self) -> Response | None:
+        return self.responses[0] if self.responses else None
 
     def as_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -123,8 +155,20 @@ def preflight(target: Target, path: str, timeout: float, max_bytes: int) -> Exch
     return exchange
 
 
+def _send(sock: socket.socket, data: bytes, exchange: Exchange) -> bool:
+    """sendall, noting (not raising) a reset or a server that stopped reading."""
+    try:
+        sock.sendall(data)
+        return True
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        exchange.note = "reset while sending"
+    except TimeoutError:
+        exchange.note = "the server stopped reading while we sent"
+    return False
+
+
 def pipeline(target: Target, path: str, count: int, timeout: float, max_bytes: int,
-             group: int = 20, group_gap: float = 0.01, read_delay: float = 0.3) -> Exchange:
+             group: int = 20, group_gap: float = 0.01) -> Exchange:
     """`count` pipelined GETs (the last asks for Connection: close), read only after sending.
 
     They go out in groups `group_gap` apart so that some arrive while the server is
@@ -135,13 +179,11 @@ def pipeline(target: Target, path: str, count: int, timeout: float, max_bytes: i
     start = time.monotonic()
     requests = [get(target, path)] * (count - 1) + [get(target, path, close=True)]
     with target.connect(timeout) as sock:
-        try:
-            for at in range(0, count, group):
-                sock.sendall(b"".join(requests[at:at + group]))
-                time.sleep(group_gap)
-        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
-            exchange.note = "reset while sending"
-        time.sleep(read_delay)
+        for at in range(0, count, group):
+            if not _send(sock, b"".join(requests[at:at + group]), exchange):
+                break
+            time.sleep(group_gap)
+        time.sleep(READ_DELAY)
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, count)
         if exchange.ending == "OPEN":  # every response read: the server should now close
@@ -151,24 +193,30 @@ def pipeline(target: Target, path: str, count: int, timeout: float, max_bytes: i
     return exchange
 
 
-def close_pipeline(target: Target, path: str, follow: int, timeout: float, max_bytes: int,
-                   gap: float = 0.05, read_delay: float = 0.3) -> Exchange:
-    """A GET with Connection: close, `follow` GETs pipelined behind it, reading late.
+def close_pipeline(target: Target, path: str, http10: bool, follow_path: str, follow: int,
+                   same_write: bool, timeout: float, max_bytes: int) -> Exchange:
+    """A request the server answers and then closes, `follow` GETs pipelined behind it.
 
-    With a response larger than the socket buffers, the later requests reach the
-    server while it is still sending: close() with them unread resets the
-    connection and the client loses the tail of the response.
+    The server decides to close: `http10` sends an HTTP/1.0 GET (no keep-alive),
+    otherwise `path` is one whose answer carries Connection: close. The pipelined
+    GETs go out in the same write as the request (`same_write`: they are pending
+    when the server closes) or FOLLOW_GAP later, while the response is still
+    arriving (in flight: they may reach the server after it has closed). A server
+    that closes with them unread, or that lingers only on input already pending,
+    resets the connection and destroys the part of its response still in flight.
     """
     exchange = Exchange()
     start = time.monotonic()
+    first = get_http10(target, path) if http10 else get(target, path)
+    rest = get(target, follow_path) * follow
     with target.connect(timeout) as sock:
-        try:
-            sock.sendall(get(target, path, close=True))
-            time.sleep(gap)
-            sock.sendall(get(target, "/") * follow)
-        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
-            exchange.note = "reset while sending"
-        time.sleep(read_delay)
+        if same_write:
+            _send(sock, first + rest, exchange)
+        elif _send(sock, first, exchange):
+            time.sleep(FOLLOW_GAP)
+            exchange.extra["queued_at_follow"] = queued_bytes(sock)
+            _send(sock, rest, exchange)
+        time.sleep(READ_DELAY)
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
         if exchange.ending == "OPEN":
@@ -179,31 +227,56 @@ def close_pipeline(target: Target, path: str, follow: int, timeout: float, max_b
 
 
 def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
-           chunk: int = 65536) -> Exchange:
+           follow_path: str, hold: float) -> Exchange:
     """POST `size` throw-away bytes without reading, then read the answer.
 
     A server that answers early (401, 413) and closes without draining the rest of
-    the body resets the connection under its own answer.
+    the body resets the connection under its own answer. After the answer we wait up
+    to `hold` seconds (past the server's idle timeout) for the connection to end: one
+    still open then is held for ever or stuck. Once our whole body is sent, one GET on
+    it (allowed: the request is complete) tells a live connection from a stuck one.
+    extra: sent, open_for (s), next ('answered 200', 'no answer', ...).
     """
     exchange = Exchange()
     start = time.monotonic()
     with target.connect(timeout) as sock:
-        sent, stopped = send_unread_upload(sock, target, path, size, chunk)
+        sent, stopped = send_unread_upload(sock, target, path, size)
         if stopped == "reset":
-            exchange.note = f"reset while sending, after {sent} of {size} bytes"
+            exchange.note = f"reset while sending, after {sent} of {size} B"
         elif stopped == "stalled":
-            exchange.note = f"server stopped reading after {sent} of {size} bytes"
+            exchange.note = f"the server stopped reading after {sent} of {size} B"
         exchange.extra["sent"] = sent
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
-        if exchange.ending == "OPEN":  # answered: does it close now, and how?
-            exchange.ending = _end_after_last(reader, min(timeout, KEEP_OPEN_WAIT))
+        answered = time.monotonic()
+        if exchange.ending == "OPEN":  # answered: does it close, and how?
+            exchange.ending = _end_after_last(reader, hold)
+        exchange.extra["open_for"] = round(time.monotonic() - answered, 3)
+        if exchange.ending == "OPEN" and sent == size and exchange.complete:
+            exchange.extra["next"] = _next_request(sock, reader, target, follow_path,
+                                                   min(timeout, OPEN_WAIT))
         if exchange.ending.startswith("FIN") and exchange.note.startswith("reset"):
             exchange.ending = "RST"  # a reset while sending makes later reads return EOF
         else:
             exchange.ending = ending_after_eof(sock, exchange.ending)
     exchange.elapsed = time.monotonic() - start
     return exchange
+
+
+def _next_request(sock: socket.socket, reader: CappedReader, target: Target, path: str,
+                  wait: float) -> str:
+    """One more GET on a connection left open after an early answer: is it still served?"""
+    try:
+        sock.sendall(get(target, path, close=True))
+    except (OSError, ssl.SSLError):
+        return "reset"
+    reader.deadline = time.monotonic() + wait
+    try:
+        response = reader.read_response()
+    except ConnectionEnded as ended:
+        return {"TIMEOUT": "no answer", "FIN": "closed unanswered",
+                "RST": "reset"}.get(ended.kind, ended.kind)
+    return f"answered {response.status}"
 
 
 def _request_on_closing(sock: socket.socket, reader: CappedReader, target: Target,
@@ -242,16 +315,30 @@ def _idle_attempt(target: Target, path: str, wait: float, timeout: float, max_by
         out[index] = f"setup failed ({exc.strerror or exc})"
 
 
+def announced_idle_timeout(response: Response) -> float | None:
+    """The `timeout=` of a Keep-Alive response header (Apache sends one), if any."""
+    for part in (response.header("keep-alive") or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                return float(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
 def idle_close(target: Target, path: str, idle_max: float, timeout: float, max_bytes: int,
                offsets: tuple[float, ...] = (-0.005, 0.0)) -> Exchange:
     """Find the server's keep-alive idle timeout, then send requests right at it.
 
-    First connection: one request, then wait (at most `idle_max`) for the server to
-    close; the wait is its idle timeout. The moment its FIN arrives we send another
-    request, like a client that reused the connection an instant too late. Then more
-    connections send their second request at the measured timeout plus `offsets`.
-    A lingering server lets each such request end in a clean EOF (the client retries);
-    a plain close() answers it with RST.
+    First connection: one request, then wait for the server to close: the wait is its
+    idle timeout. A `Keep-Alive: timeout=N` answer says how long to wait (if N is above
+    `idle_max` nothing is tried: extra['announced'] says so); without one we wait at
+    most `idle_max`. The moment its FIN arrives we send another request, like a client
+    that reused the connection an instant too late. Then more connections send their
+    second request at the measured timeout plus `offsets`. A lingering server lets each
+    such request end in a clean EOF (the client retries); a plain close() answers it
+    with RST.
     """
     exchange = Exchange()
     start = time.monotonic()
@@ -259,17 +346,23 @@ def idle_close(target: Target, path: str, idle_max: float, timeout: float, max_b
         sock.sendall(get(target, path))
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
-        if exchange.ending != "OPEN":
+        if exchange.ending != "OPEN" or exchange.first is None:
             exchange.elapsed = time.monotonic() - start
-            return exchange  # no answer: nothing to measure
+            return exchange  # no answer, or closed at once: nothing to measure
+        announced = announced_idle_timeout(exchange.first)
+        exchange.extra["announced"] = announced
+        if announced is not None and announced > idle_max:
+            exchange.ending = "ANNOUNCED"
+            exchange.elapsed = time.monotonic() - start
+            return exchange
         answered = time.monotonic()
-        reader.deadline = answered + idle_max
+        reader.deadline = answered + (idle_max if announced is None else announced + IDLE_SLACK)
         exchange.ending = reader.read_end()
         idle = time.monotonic() - answered
         exchange.extra["idle_timeout"] = round(idle, 3)
         if exchange.ending != "FIN":
             exchange.elapsed = time.monotonic() - start
-            return exchange  # TIMEOUT: held longer than idle_max; RST: reset an idle connection
+            return exchange  # TIMEOUT: held longer than we wait; RST: reset an idle connection
         reader.deadline = time.monotonic() + timeout
         attempts = {"after its FIN": _request_on_closing(sock, reader, target, path)}
     if idle > 0.05:  # a server without keep-alive closes at once: nothing to aim at
@@ -282,7 +375,7 @@ def idle_close(target: Target, path: str, idle_max: float, timeout: float, max_b
             thread.start()
         for thread in threads:
             thread.join(idle + timeout + 1)
-        for offset, result in zip(offsets, results):
+        for offset, result in zip(offsets, results, strict=True):
             attempts[f"{offset * 1000:+.0f} ms"] = result or "no result"
     exchange.extra["attempts"] = attempts
     exchange.elapsed = time.monotonic() - start
@@ -304,45 +397,52 @@ def _poll_end(sock: socket.socket) -> str | None:
     return "RST" if peer_reset(sock) else None
 
 
-def drain_after_fin(target: Target, path: str, window: float, pause: float, burst: int,
-                    timeout: float, max_bytes: int) -> Exchange:
-    """After the server's FIN, keep sending bursts of pipelined GETs `pause` apart.
+def drain_upload(target: Target, path: str, size: int, window: float, pause: float,
+                 timeout: float, max_bytes: int) -> Exchange:
+    """An HTTP/1.0 POST answered early: after the answer, keep sending its body.
 
-    The first request asks for Connection: close and one more request follows it at
-    once, so the server has unread input when it closes. Measures how long the server
-    keeps reading (draining) after its FIN, up to `window` seconds, and how it ends:
-    RST (it closed while we were still sending) or still draining at the window's
-    end, when we close first. Pauses are empty moments: a server that stops when
-    nothing is pending (lighttpd's FIONREAD bug) resets at the next burst.
+    Sends the headers (Content-Length `size`) and a first chunk, and reads the early
+    answer; the server closes after it (HTTP/1.0: no keep-alive), at once or once it
+    has read the body. Like a client that has not noticed the answer yet, we go on
+    sending the body in chunks `pause` apart (never past `size`) for `window` seconds
+    after the answer, or after the server's FIN when one comes, and see whether the
+    server keeps reading: RST means it closed while we still sent. Pauses are empty
+    moments: a server that stops when nothing is pending (lighttpd's FIONREAD bug)
+    resets at the next chunk. On TLS a server cannot half-close: its close_notify +
+    FIN comes when it stops reading, if at all.
 
-    On TLS a server cannot half-close (there is no FIN before it stops reading): the
-    bursts start right after the response and its close_notify + FIN is noted as
-    'eof_after', whenever it comes.
+    extra: fin_after and reset_after (s after the answer, or None), drained_for (s of
+    reading after the FIN, or after the answer without one), bursts_sent, sent.
     """
     exchange = Exchange()
     start = time.monotonic()
-    tls = target.tls is not None
+    chunk = max(min(DRAIN_CHUNK, size // (int(window / pause) + 3)), 1)
+    head = request_bytes("POST", path, target.authority, content_length=size,
+                         headers={"Content-Type": "application/octet-stream"})
+    head = head.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    exchange.extra.update(window=window, pause=pause, tls=target.tls is not None)
     with target.connect(timeout) as sock:
-        sock.sendall(get(target, path, close=True) + get(target, path))
+        if not _send(sock, head + b"d" * chunk, exchange):
+            exchange.ending = "RST" if exchange.note.startswith("reset") else "TIMEOUT"
+            return exchange
+        sent = chunk
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
-        if exchange.ending == "OPEN" and not tls:
-            exchange.ending = reader.read_end()
-        elif exchange.ending == "OPEN":
-            exchange.ending = "FIN"  # not yet: see eof_after
-        if not exchange.ending.startswith("FIN"):
+        exchange.extra["sent"] = sent
+        if exchange.ending != "OPEN" or not exchange.complete:
+            exchange.ending = ending_after_eof(sock, exchange.ending)
             exchange.elapsed = time.monotonic() - start
-            return exchange  # RST at close (no lingering at all) or it never closed
-        began = time.monotonic()
+            return exchange  # no answer, a cut one, or it closed (FIN or RST) under it
+        answered = time.monotonic()
+        deadline = answered + window
         sock.setblocking(False)
-        payload = get(target, path) * burst
-        bursts, reset_at, eof_at = 0, None, None if tls else began
-        next_burst = began
-        while reset_at is None and time.monotonic() - began < window:
+        bursts, reset_at, eof_at = 0, None, None
+        next_burst = answered
+        while reset_at is None and time.monotonic() < deadline and sent < size:
             now = time.monotonic()
             if now >= next_burst:
                 try:
-                    sock.send(payload)  # partial is fine: the count of bursts is what matters
+                    sent += sock.send(b"d" * min(chunk, size - sent))
                     bursts += 1
                 except (BlockingIOError, ssl.SSLWantWriteError):
                     pass  # the server stopped reading and its window is full: still no reset
@@ -354,12 +454,16 @@ def drain_after_fin(target: Target, path: str, window: float, pause: float, burs
             seen = _poll_end(sock)
             if seen == "EOF" and eof_at is None:
                 eof_at = time.monotonic()
+                deadline = min(eof_at + window, answered + window + END_WAIT)
             elif seen == "RST":
                 reset_at = time.monotonic()
-        exchange.ending = "FIN+RST" if reset_at is not None else "FIN"
+        ended = reset_at or time.monotonic()
+        exchange.ending = ("FIN+RST" if eof_at is not None else "RST") if reset_at is not None \
+            else ("FIN" if eof_at is not None else "OPEN")
         exchange.extra.update(
-            drained_for=round((reset_at or time.monotonic()) - began, 3),
-            bursts_sent=bursts, still_draining=reset_at is None, window=window, pause=pause,
-            tls=tls, eof_after=None if eof_at is None else round(eof_at - began, 3))
+            drained_for=round(ended - (eof_at or answered), 3), bursts_sent=bursts, sent=sent,
+            still_draining=reset_at is None, body_done=sent >= size,
+            fin_after=None if eof_at is None else round(eof_at - answered, 3),
+            reset_after=None if reset_at is None else round(reset_at - answered, 3))
     exchange.elapsed = time.monotonic() - start
     return exchange

@@ -1,0 +1,128 @@
+"""Real nginx and Apache httpd for the probe tests: configs from tests/servers/, rendered into
+a tmp dir, on 127.0.0.1 and a free port, in the foreground.
+
+Both run as the current user. Started as root they hand their workers to an unprivileged
+user (Apache refuses to serve as root), so the tmp dir is made world-readable.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVERS = Path(__file__).parent / "servers"
+NGINX = "/usr/sbin/nginx"
+APACHE = "/usr/sbin/apache2"
+APACHE_MODULES = "/usr/lib/apache2/modules"
+BIG_SIZE = 2_000_000          # >= 1 MB: bigger than the loopback socket buffers at first
+BIG_PATH = "/big.bin"
+CLOSE_PATH = "/close/big.bin"
+UPLOAD_PATH = "/upload"
+STARTUP_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _unprivileged(kind: str) -> str:
+    """The user (and group) line for a server started as root; nothing otherwise."""
+    if os.geteuid() != 0:
+        return ""
+    for name in ("www-data", "nobody"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return f"user {name};" if kind == "nginx" else f"User {name}\nGroup #{pwd.getpwnam(name).pw_gid}"
+    return ""
+
+
+@dataclass
+class RealServer:
+    """One nginx or Apache process serving `root` (with big.bin and upload) on `port`."""
+
+    kind: str                      # nginx or apache
+    extra: str = ""                # config lines added at the http/server-config level
+    port: int = 0
+    tmp: Path = field(default_factory=Path)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def binary(self) -> str:
+        return NGINX if self.kind == "nginx" else APACHE
+
+    def render(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"probe-{self.kind}-"))
+        self.tmp.chmod(0o755)  # the unprivileged worker reads the files below
+        root = self.tmp / "root"
+        root.mkdir()
+        root.chmod(0o755)
+        (root / "big.bin").write_bytes(b"0123456789abcdef" * (BIG_SIZE // 16))
+        (root / "upload").write_bytes(b"upload target\n")
+        (root / "index.html").write_bytes(b"ok\n")
+        for path in root.iterdir():
+            path.chmod(0o644)
+        self.port = free_port()
+        template = string.Template((SERVERS / f"{self.kind}.conf").read_text())
+        config = self.tmp / f"{self.kind}.conf"
+        config.write_text(template.substitute(
+            tmp=self.tmp, root=root, port=self.port, extra=self.extra,
+            modules=APACHE_MODULES, user=_unprivileged(self.kind)))
+        return config
+
+    def argv(self, config: Path) -> list[str]:
+        if self.kind == "nginx":
+            return [NGINX, "-p", str(self.tmp), "-c", str(config)]
+        return [APACHE, "-d", str(self.tmp), "-f", str(config), "-DFOREGROUND"]
+
+    def start(self) -> RealServer:
+        config = self.render()
+        self.proc = subprocess.Popen(self.argv(config), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited at startup:\n{self.error_log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if sock.recv(12).startswith(b"HTTP/1."):
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.kind} never answered on port {self.port}:\n{self.error_log()}")
+
+    def error_log(self) -> str:
+        path = self.tmp / "error.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else "(no error log)"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # Both stop at once on SIGTERM (nginx: fast shutdown; Apache: stop).
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> RealServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
