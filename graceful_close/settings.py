@@ -57,6 +57,9 @@ class Settings:
     keepalive_requests: int = 1000
     keepalive_time: float = 3600.0
     nokeepalive_user_agents: tuple[str, ...] = ("legacy",)
+    # Send "Keep-Alive: timeout=..., max=..." on responses that keep the connection.
+    # Off by default, like nginx: clients do not need it, and it costs per response.
+    keepalive_header: bool = False
 
     def __post_init__(self) -> None:
         _check_seconds("linger_time", self.linger_time, allow_zero=False)
@@ -67,8 +70,9 @@ class Settings:
         _check_int("max_lingering", self.max_lingering, 1, 10_000_000, "an integer from 1 to 10000000")
         _check_int("keepalive_requests", self.keepalive_requests, 0, 2**62,
                    "an integer >= 0 (0 = no cap)")
-        if not isinstance(self.abort_on_timeout, bool):
-            raise _fail("abort_on_timeout", self.abort_on_timeout, "true or false")
+        for flag in ("abort_on_timeout", "keepalive_header"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _fail(flag, getattr(self, flag), "true or false")
         rules = self.nokeepalive_user_agents
         if isinstance(rules, str) or not all(isinstance(r, str) for r in rules):
             raise _fail("nokeepalive_user_agents", rules,
@@ -156,7 +160,7 @@ def _parse_env(name: str, raw: str) -> Any:
     """Turn one environment string into the field's type; errors name the variable."""
     text = raw.strip()
     env_name = ENV_PREFIX + name.upper()
-    if name == "abort_on_timeout":
+    if name in ("abort_on_timeout", "keepalive_header"):
         if text.lower() in _TRUE:
             return True
         if text.lower() in _FALSE:

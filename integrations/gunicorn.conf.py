@@ -19,7 +19,7 @@ worker_class = "graceful_close.gunicorn.ThreadWorker"
 workers = multiprocessing.cpu_count()
 threads = 8
 worker_connections = 1000
-keepalive = 5            # idle keep-alive seconds; sent as "Keep-Alive: timeout=5, max=..."
+keepalive = 5            # idle keep-alive seconds (keepalive_header=True announces it)
 timeout = 30
 graceful_timeout = 35    # SIGTERM: requests in flight, then lingering sockets, get this long
 max_requests = 10000     # restart now and then; lingering then gets only linger_timeout
@@ -32,4 +32,5 @@ configure(
     keepalive_requests=1000,     # nginx keepalive_requests
     keepalive_time=3600.0,       # nginx keepalive_time
     nokeepalive_user_agents=["legacy"],
+    keepalive_header=True,       # send "Keep-Alive: timeout=5, max=..." (off by default, like nginx)
 )

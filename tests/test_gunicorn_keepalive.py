@@ -43,8 +43,19 @@ def _server(worker: str, env: dict[str, str], *args: str) -> ServerProcess:
 @pytest.fixture(scope="module")
 def capped():
     with _server(OURS, {"GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": str(CAP),
-                        "GRACEFUL_CLOSE_KEEPALIVE_TIME": "0"}) as server:
+                        "GRACEFUL_CLOSE_KEEPALIVE_TIME": "0",
+                        "GRACEFUL_CLOSE_KEEPALIVE_HEADER": "true"}) as server:
         yield server
+
+
+def test_no_keep_alive_header_unless_configured(start_server) -> None:
+    """keepalive_header is off by default (like nginx): only the response that ends the
+    connection says anything beyond "Connection: keep-alive"."""
+    server = start_server(_server(OURS, {"GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "3"}))
+    responses, ending = exchange_on_one_connection(server.port, [{}] * 4)
+    assert [r.header("connection") for r in responses] == ["keep-alive", "keep-alive", "close"]
+    assert [r.header("keep-alive") for r in responses] == [None, None, None]
+    assert ending == "FIN"
 
 
 def test_pipelined_past_the_cap_get_exactly_cap_responses_then_fin(capped) -> None:
@@ -89,9 +100,11 @@ def test_legacy_user_agent_gets_connection_close_at_once(capped) -> None:
 
 
 def test_connection_age_cap(start_server) -> None:
-    """keepalive_time=1: a request more than 1 s after accept gets Connection: close."""
+    """keepalive_time=1: a request well after 1 s from accept gets Connection: close. The age
+    is read from the loop's clock (one read per loop turn, at least once a second), so
+    the cap is coarse by up to a second, like nginx's cached clock."""
     server = start_server(_server(OURS, {"GRACEFUL_CLOSE_KEEPALIVE_TIME": "1"}))
-    responses, ending = exchange_on_one_connection(server.port, [{}, {}, {}], pause=1.2)
+    responses, ending = exchange_on_one_connection(server.port, [{}, {}, {}], pause=2.5)
     assert [r.header("connection") for r in responses] == ["keep-alive", "close"]
     assert ending == "FIN"
 
@@ -101,8 +114,9 @@ def test_sigterm_finishes_in_flight_with_close_and_exits_in_time(start_server,
                                                                  ours: bool) -> None:
     """SIGTERM while one request is in flight and one connection idles in keep-alive:
     the in-flight response arrives whole with Connection: close (stock announces
-    keep-alive on it), the idle connection ends with FIN, and the worker exits by
-    itself within graceful_timeout."""
+    keep-alive on it), the idle connection ends with FIN (not RST: nothing was at stake,
+    so it is closed plainly, not lingered over), and the worker exits by itself within
+    graceful_timeout."""
     graceful_timeout = 6
     server = start_server(_server(OURS if ours else STOCK, {},
                                   "--graceful-timeout", str(graceful_timeout)))
@@ -129,10 +143,8 @@ def test_sigterm_finishes_in_flight_with_close_and_exits_in_time(start_server,
     server.signal(signal.SIGTERM)
     thread.join(graceful_timeout + 5)
     idle_ending = idle_reader.read_end()  # the server ends the idle connection
-    idle_fin_at = time.monotonic()
-    released = wait_until(lambda: idle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0,
-                          3.0 if ours else 0.0, interval=0.02)
-    idle_released_after = time.monotonic() - idle_fin_at
+    reset = wait_until(lambda: idle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0,
+                       1.0, interval=0.05)
     idle.close()
     exit_code = server.wait(graceful_timeout + 5)
     stopped_after = time.monotonic() - stop_at
@@ -142,10 +154,8 @@ def test_sigterm_finishes_in_flight_with_close_and_exits_in_time(start_server,
     assert idle_ending == "FIN"
     assert exit_code is not None and stopped_after < graceful_timeout, stopped_after
     assert "Worker exiting" in server.log_text()  # left by itself, not SIGKILLed
+    assert not reset
     if ours:
         assert response.header("connection") == "close" and slow.get("ending") == "FIN"
-        # The idle connection went through the lingering close: released (RST once
-        # all was acknowledged) linger_timeout (1 s) after its FIN, while stopping.
-        assert released and 0.5 <= idle_released_after <= 10, idle_released_after
     else:
         assert response.header("connection") == "keep-alive"

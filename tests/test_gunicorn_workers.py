@@ -20,8 +20,13 @@ from pathlib import Path
 import pytest
 
 from graceful_close.diagnostics.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
-from graceful_close.diagnostics.scenarios import (Target, early_response_upload, never_closing,
-                                      timed_request, trickling)
+from graceful_close.diagnostics.scenarios import (
+    Target,
+    early_response_upload,
+    never_closing,
+    timed_request,
+    trickling,
+)
 from graceful_close.diagnostics.wire import ResponseReader, request_bytes
 from tests.helpers import SAMPLE_WSGI, count_state, fd_count, wait_until, worker_pids
 

@@ -1,15 +1,20 @@
-"""The threaded engine on real loopback TCP sockets (no server): hand-off, endings, bounds."""
+"""The in-loop drain engine on real loopback TCP sockets (no server): hand-off, endings,
+bounds, stop. A small loop thread drives it the way a gunicorn worker's loop does; the
+test thread hands sockets off from outside it, like a gthread pool thread."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from graceful_close.core import Counters
-from graceful_close.engines.threaded import Lingerer
+from graceful_close.engines.poll import PollDrainEngine
 from graceful_close.settings import Settings
 from tests.helpers import wait_until
 
@@ -27,9 +32,52 @@ def pair(listener):
     return client, server
 
 
-def make(**kw) -> tuple[Lingerer, Counters]:
+class Loop:
+    """A worker loop in miniature: runs deferred calls, polls the engine, sweeps."""
+
+    def __init__(self, settings: Settings, counters: Counters) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._done = threading.Event()
+        built = threading.Event()
+
+        def run() -> None:
+            self.engine = PollDrainEngine(settings, defer=self.defer, counters=counters)
+            built.set()
+            while not self._done.is_set():
+                while not self._calls.empty():
+                    call, args = self._calls.get()
+                    call(*args)
+                if self.engine.lingering:
+                    self.engine.poll(0.02)
+                else:
+                    time.sleep(0.01)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        built.wait(5)
+
+    def defer(self, call: Callable[..., Any], *args: Any) -> None:
+        self._calls.put((call, args))
+
+    def hand_off(self, sock: socket.socket) -> None:
+        self.engine.hand_off(sock)  # from this (foreign) thread: half-close, then defer
+
+    @property
+    def lingering(self) -> int:
+        return self.engine.lingering
+
+    def begin_stop(self) -> None:
+        self.defer(self.engine.begin_stop)
+
+    def stop(self, grace: float) -> None:
+        self.defer(self.engine.finish, grace)
+        self.defer(self._done.set)
+        self._thread.join(grace + 10)
+
+
+def make(**kw) -> tuple[Loop, Counters]:
     counters = Counters()
-    return Lingerer(Settings(**kw), counters=counters), counters
+    return Loop(Settings(**kw), counters), counters
 
 
 def read_all(sock: socket.socket, timeout: float = 10) -> tuple[int, str]:
@@ -45,17 +93,17 @@ def read_all(sock: socket.socket, timeout: float = 10) -> tuple[int, str]:
 
 def test_response_survives_unread_upload(listener):
     """With a plain close() this loses the response to RST; handed off, it arrives whole."""
-    lingerer, counters = make(linger_time=5, linger_timeout=2)
+    engine, counters = make(linger_time=5, linger_timeout=2)
     client, server = pair(listener)
     client.sendall(b"x" * 300_000)  # upload the server never reads
     server.sendall(b"R" * 500_000)
-    lingerer.hand_off(server)
+    engine.hand_off(server)
     time.sleep(0.3)
     assert read_all(client) == (500_000, "FIN")
     client.close()
     assert wait_until(lambda: counters.ended_eof == 1, 5)
     assert counters.bytes_discarded == 300_000 and counters.lingering_now == 0
-    lingerer.stop(1)
+    engine.stop(1)
 
 
 def test_plain_close_loses_the_same_response(listener):
@@ -70,24 +118,24 @@ def test_plain_close_loses_the_same_response(listener):
 
 
 def test_hand_off_returns_at_once_and_detaches(listener):
-    lingerer, _ = make()
+    engine, _ = make()
     client, server = pair(listener)
     started = time.monotonic()
-    lingerer.hand_off(server)
+    engine.hand_off(server)
     assert time.monotonic() - started < 0.5
     assert server.fileno() == -1
-    lingerer.hand_off(server)  # a second hand-off of the same object does nothing
+    engine.hand_off(server)  # a second hand-off of the same object does nothing
     server.close()             # nor does the server's own close afterwards
     client.close()
-    lingerer.stop(2)
+    engine.stop(2)
 
 
 def test_idle_and_total_deadlines(listener):
-    lingerer, counters = make(linger_time=1.5, linger_timeout=0.4)
+    engine, counters = make(linger_time=1.5, linger_timeout=0.4)
     silent, s1 = pair(listener)
     trickler, s2 = pair(listener)
-    lingerer.hand_off(s1)
-    lingerer.hand_off(s2)
+    engine.hand_off(s1)
+    engine.hand_off(s2)
     stop = threading.Event()
 
     def trickle():
@@ -102,12 +150,12 @@ def test_idle_and_total_deadlines(listener):
     stop.set()
     # Both clients had acknowledged everything, so the engine closed them with RST.
     assert counters.aborted_with_rst == 2
-    lingerer.stop(1)
+    engine.stop(1)
 
 
 def test_timeout_never_destroys_unacknowledged_response(listener):
     """A client that stops reading leaves response bytes unacked: the timeout must not RST them."""
-    lingerer, counters = make(linger_time=1, linger_timeout=0.3)
+    engine, counters = make(linger_time=1, linger_timeout=0.3)
     client, server = pair(listener)
     server.setblocking(False)
     sent = 0
@@ -116,62 +164,101 @@ def test_timeout_never_destroys_unacknowledged_response(listener):
             sent += server.send(b"D" * 65536)
     except BlockingIOError:
         pass  # the send queue is full: bytes are waiting for the client's window
-    lingerer.hand_off(server)
+    engine.hand_off(server)
     assert wait_until(lambda: counters.ended_idle_timeout == 1, 5)
     assert counters.aborted_with_rst == 0
     assert read_all(client, timeout=20) == (sent, "FIN")
 
 
 def test_full_set_evicts_oldest(listener):
-    lingerer, counters = make(max_lingering=3, linger_time=30, linger_timeout=30)
+    engine, counters = make(max_lingering=3, linger_time=30, linger_timeout=30)
     clients = []
     for _ in range(5):
         client, server = pair(listener)
         clients.append(client)
-        lingerer.hand_off(server)
+        engine.hand_off(server)
     assert wait_until(lambda: counters.ended_evicted == 2, 5)
-    assert lingerer.lingering == 3
+    assert engine.lingering == 3
     for client in clients:
         client.close()
     assert wait_until(lambda: counters.lingering_now == 0, 5)
-    lingerer.stop(1)
+    engine.stop(1)
 
 
 def test_stop_closes_what_is_left_within_grace(listener):
-    lingerer, counters = make(linger_time=30, linger_timeout=30)
+    engine, counters = make(linger_time=30, linger_timeout=30)
     client, server = pair(listener)
-    lingerer.hand_off(server)
+    client.sendall(b"unread upload")  # bytes at stake: this one lingers through the grace
+    engine.hand_off(server)
+    assert wait_until(lambda: engine.lingering == 1, 5)
     started = time.monotonic()
-    lingerer.stop(0.5)
+    engine.stop(0.5)
     assert time.monotonic() - started < 0.5 + 5
     assert counters.ended_shutdown == 1
     client.close()
 
 
 def test_peer_already_reset(listener):
-    lingerer, counters = make()
+    engine, counters = make()
     client, server = pair(listener)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
     client.close()  # RST
     time.sleep(0.1)
-    lingerer.hand_off(server)
+    engine.hand_off(server)
     assert wait_until(lambda: counters.ended_error + counters.ended_eof == 1, 5)
-    lingerer.stop(1)
+    engine.stop(1)
 
 
 def test_young_evicted_socket_is_reset_not_orphaned(listener):
     """Evicted before the client acked our FIN (a delayed ACK): only the FIN is outstanding
     (SIOCOUTQ 1), so RST loses nothing and spares a 60 s FIN_WAIT_2 orphan. Counting the
     FIN as data (outstanding must be 0) made this close a plain one."""
-    lingerer, counters = make(max_lingering=1, linger_time=30, linger_timeout=30)
+    engine, counters = make(max_lingering=1, linger_time=30, linger_timeout=30)
     first_client, first = pair(listener)
     second_client, second = pair(listener)
     first.sendall(b"response")
-    lingerer.hand_off(first)
-    lingerer.hand_off(second)  # evicts the first at once
+    engine.hand_off(first)
+    engine.hand_off(second)  # evicts the first at once
     assert wait_until(lambda: counters.ended_evicted == 1, 5)
     assert counters.aborted_with_rst == 1
     assert read_all(first_client) == (len(b"response"), "FIN")  # every byte arrived first
     for sock in (first_client, second_client):
         sock.close()
-    lingerer.stop(1)
+    engine.stop(1)
+
+
+def test_stop_closes_quiet_connections_at_once_and_lingers_where_bytes_are_at_stake(listener):
+    """Issue 12 item 1: at a stop, a connection whose response is acknowledged and that
+    sent nothing more closes at once (plain close: the client already had our FIN);
+    one whose client is still sending keeps lingering."""
+    engine, counters = make(linger_time=30, linger_timeout=30)
+    quiet_client, quiet = pair(listener)
+    busy_client, busy = pair(listener)
+    quiet.sendall(b"response")
+    engine.hand_off(quiet)
+    engine.hand_off(busy)
+    assert wait_until(lambda: engine.lingering == 2, 5)
+    busy_client.sendall(b"x" * 10_000)  # an upload the app never read
+    time.sleep(0.3)  # read and discarded by the loop
+    engine.begin_stop()
+    assert wait_until(lambda: counters.ended_shutdown == 1, 5)
+    assert engine.lingering == 1 and counters.aborted_with_rst == 0
+    assert read_all(quiet_client) == (len(b"response"), "FIN")
+    busy_client.close()
+    assert wait_until(lambda: counters.ended_eof == 1 and engine.lingering == 0, 5)
+    assert counters.bytes_discarded == 10_000
+    quiet_client.close()
+    engine.stop(1)
+
+
+def test_quiet_hand_off_while_stopping_closes_without_lingering(listener):
+    engine, counters = make(linger_time=30, linger_timeout=30)
+    engine.begin_stop()
+    client, server = pair(listener)
+    server.sendall(b"last response")
+    time.sleep(0.2)  # acknowledged
+    engine.hand_off(server)
+    assert read_all(client) == (len(b"last response"), "FIN")
+    assert counters.lingering_started == 0 and engine.lingering == 0
+    client.close()
+    engine.stop(1)

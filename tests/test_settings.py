@@ -150,3 +150,15 @@ def test_to_env_round_trips():
     s = Settings(linger_time=7.5, linger_max_bytes=4096, abort_on_timeout=False,
                  nokeepalive_user_agents=("Bot{1,3}", "msie6"))
     assert Settings.from_env(s.to_env()) == s
+
+
+def test_keepalive_header_is_off_by_default_and_parsed_from_the_environment():
+    """keepalive_header (the gunicorn engineer's addition): off like nginx; env true/false."""
+    assert Settings().keepalive_header is False
+    assert Settings.from_env({"GRACEFUL_CLOSE_KEEPALIVE_HEADER": "on"}).keepalive_header is True
+    assert Settings.from_env({"GRACEFUL_CLOSE_KEEPALIVE_HEADER": "0"}).keepalive_header is False
+    with pytest.raises(SettingsError, match="GRACEFUL_CLOSE_KEEPALIVE_HEADER='maybe'"):
+        Settings.from_env({"GRACEFUL_CLOSE_KEEPALIVE_HEADER": "maybe"})
+    with pytest.raises(SettingsError, match="keepalive_header=1: expected true or false"):
+        Settings(keepalive_header=1)  # type: ignore[arg-type]
+    assert Settings.from_env(Settings(keepalive_header=True).to_env()).keepalive_header is True

@@ -1,14 +1,20 @@
 """Per-process counters of the engines and the keep-alive policy.
 
-Plain integer attributes: each engine updates its counters from one thread (the
-lingerer thread, or the event loop), so the hot path takes no extra lock.
+Plain integer attributes. Every update goes through a method that takes one
+process-wide lock: updates come from several threads (gthread's pool threads
+decide keep-alive, the loop ends lingering connections), and `x += 1` on an
+attribute is not atomic under the GIL. Only rare paths count (a connection that
+ends, a keep-alive cap that is hit), so the keep-alive hot path never takes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 from .linger import EndReason
+
+_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -27,12 +33,21 @@ class Counters:
     keepalive_age_hits: int = 0
     user_agent_disables: int = 0
 
+    def count(self, field: str, amount: int = 1) -> None:
+        """Add to one counter, exactly, from any thread."""
+        with _LOCK:
+            setattr(self, field, getattr(self, field) + amount)
+
+    def started(self) -> None:
+        self.count("lingering_started")
+
     def record_end(self, reason: EndReason, discarded: int, aborted: bool) -> None:
         field = "ended_" + reason.value
-        setattr(self, field, getattr(self, field) + 1)
-        self.bytes_discarded += discarded
-        if aborted:
-            self.aborted_with_rst += 1
+        with _LOCK:
+            setattr(self, field, getattr(self, field) + 1)
+            self.bytes_discarded += discarded
+            if aborted:
+                self.aborted_with_rst += 1
 
     @property
     def ended(self) -> int:
@@ -43,8 +58,10 @@ class Counters:
         return self.lingering_started - self.ended
 
     def snapshot(self) -> dict[str, int]:
-        data = dataclasses.asdict(self)
-        data["lingering_now"] = self.lingering_now
+        with _LOCK:
+            data = dataclasses.asdict(self)
+        data["lingering_now"] = data["lingering_started"] - sum(
+            data["ended_" + reason.value] for reason in EndReason)
         return data
 
     def summary(self) -> str:

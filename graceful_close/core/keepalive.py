@@ -47,8 +47,6 @@ class KeepAliveDecision(NamedTuple):
         return value.encode("latin-1")
 
 
-KEEP = KeepAliveDecision(True)
-
 
 def _nginx_msie6(ua: str) -> bool:
     """nginx's msie6 test: 'MSIE 4.', 'MSIE 5.', or 'MSIE 6.' without 'SV1' after it; not Opera."""
@@ -130,13 +128,13 @@ class KeepAlivePolicy:
         if self.max_requests:
             remaining = max(self.max_requests - requests_served, 0)
             if remaining == 0:
-                self.counters.keepalive_cap_hits += 1
+                self.counters.count("keepalive_cap_hits")
                 return KeepAliveDecision(False, CloseReason.REQUEST_CAP, 0)
         if self.max_age and now - connection_started >= self.max_age:
-            self.counters.keepalive_age_hits += 1
+            self.counters.count("keepalive_age_hits")
             return KeepAliveDecision(False, CloseReason.AGE_CAP, remaining)
         if self.user_agents.disables(user_agent, method):
-            self.counters.user_agent_disables += 1
+            self.counters.count("user_agent_disables")
             return KeepAliveDecision(False, CloseReason.USER_AGENT, remaining)
         decision = self._keep.get(remaining)
         if decision is None:

@@ -30,10 +30,34 @@ _MAY_ABORT = frozenset({EndReason.IDLE_TIMEOUT, EndReason.TOTAL_TIMEOUT, EndReas
                         EndReason.EVICTED, EndReason.SHUTDOWN})
 
 
+# The RST rule, in one place. RST destroys nothing of ours only when the peer has
+# acknowledged every byte we sent. After shutdown(SHUT_WR) our FIN takes one sequence
+# number of its own and cannot be acked before the data ahead of it: 1 outstanding then
+# means only the FIN is unacked (the client delays that ACK), and no data can be lost.
+# Engines pass the kernel's count (engines.sockets.unacked_bytes: SIOCOUTQ); None means
+# the platform cannot tell, and then nothing is ever aborted.
+
+
+def nothing_unacked(unacked: int | None, fin_sent: bool) -> bool:
+    """True when an RST could not destroy any byte we sent."""
+    return unacked is not None and unacked <= (1 if fin_sent else 0)
+
+
+def bytes_at_stake(unread: int | None, unacked: int | None, fin_sent: bool) -> bool:
+    """Whether closing a connection at once (a stopping server) could lose anything:
+    unread client bytes (closing over them sends RST) or response bytes not yet
+    acknowledged. Unknown counts are at stake."""
+    return unread is None or unread > 0 or not nothing_unacked(unacked, fin_sent)
+
+
 @dataclass(frozen=True)
 class Ending:
     reason: EndReason
     abort_if_acked: bool  # RST allowed when the send queue is empty (nothing unacked)
+
+    def aborts(self, unacked: int | None) -> bool:
+        """Close with RST (SO_LINGER 0)? `unacked` is the send queue after our half-close."""
+        return self.abort_if_acked and nothing_unacked(unacked, fin_sent=True)
 
 
 class LingerState:
@@ -86,6 +110,14 @@ class LingerState:
 
     def on_shutdown(self) -> Ending | None:
         return None if self.ending else self._end(EndReason.SHUTDOWN)
+
+    def on_quiet_shutdown(self) -> Ending | None:
+        """The server stops and nothing is at stake (see bytes_at_stake): a plain close,
+        the FIN that went out at the half-close being all the client needs."""
+        if self.ending:
+            return None
+        self.ending = Ending(EndReason.SHUTDOWN, False)
+        return self.ending
 
     def on_timer(self, now: float) -> Ending | None:
         if self.ending:

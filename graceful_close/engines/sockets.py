@@ -1,4 +1,8 @@
-"""Small socket operations shared by both drain engines."""
+"""Small socket operations shared by both drain engines: what the kernel knows about a
+connection (unacknowledged and unread bytes), the half-close and the final close.
+
+Decisions are not made here: the RST rule and "bytes at stake" live in core/linger.py.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +11,46 @@ import socket
 import struct
 import sys
 
-from ..core.linger import Ending
+from ..core.linger import Ending, nothing_unacked
 
-try:  # Linux: SIOCOUTQ == TIOCOUTQ, bytes written but not yet acknowledged by the peer.
+try:  # Linux: SIOCOUTQ == TIOCOUTQ (bytes sent, not yet acknowledged by the peer) and
+    # FIONREAD (bytes received, not yet read by us).
     import termios
 
-    _SIOCOUTQ: int | None = termios.TIOCOUTQ if sys.platform.startswith("linux") else None
+    _LINUX = sys.platform.startswith("linux")
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ if _LINUX else None
+    _FIONREAD: int | None = termios.FIONREAD if _LINUX else None
 except (ImportError, AttributeError):  # pragma: no cover - non-Linux
-    _SIOCOUTQ = None
+    _SIOCOUTQ = _FIONREAD = None
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_INT = b"\0\0\0\0"
+
+
+def _ioctl_int(fd: int, request: int | None) -> int | None:
+    if request is None:
+        return None
+    try:
+        raw = fcntl.ioctl(fd, request, _INT)
+    except OSError:
+        return None
+    value: int = struct.unpack("i", raw)[0]
+    return value
 
 
 def unacked_bytes(fd: int) -> int | None:
     """Bytes in the send queue the peer has not acknowledged; None where unknown."""
-    if _SIOCOUTQ is None:
-        return None
-    try:
-        raw = fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0")
-    except OSError:
-        return None
-    return struct.unpack("i", raw)[0]
+    return _ioctl_int(fd, _SIOCOUTQ)
+
+
+def unread_bytes(fd: int) -> int | None:
+    """Bytes in the receive queue we have not read; None where unknown."""
+    return _ioctl_int(fd, _FIONREAD)
 
 
 def can_abort_safely(fd: int, fin_sent: bool) -> bool:
-    """RST destroys nothing only when the peer has acknowledged every byte we sent.
-
-    After shutdown(SHUT_WR) our FIN takes one sequence number of its own, and a
-    FIN cannot be acked before the data ahead of it: 1 outstanding then means only
-    the FIN is unacked (the client delays that ACK), and no data can be lost.
-    """
-    outstanding = unacked_bytes(fd)
-    return outstanding is not None and outstanding <= (1 if fin_sent else 0)
+    """RST destroys nothing of ours (the rule itself: core.linger.nothing_unacked)."""
+    return nothing_unacked(unacked_bytes(fd), fin_sent)
 
 
 def close_for(sock: socket.socket, ending: Ending) -> bool:
@@ -48,7 +60,8 @@ def close_for(sock: socket.socket, ending: Ending) -> bool:
     FIN_WAIT_2, and is only sent when no response byte can be lost by it.
     """
     aborted = False
-    if ending.abort_if_acked and sock.fileno() >= 0 and can_abort_safely(sock.fileno(), fin_sent=True):
+    fd = sock.fileno()
+    if ending.abort_if_acked and fd >= 0 and ending.aborts(unacked_bytes(fd)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
             aborted = True

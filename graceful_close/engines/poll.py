@@ -1,0 +1,253 @@
+"""In-loop drain engine for gunicorn's sync and gthread workers: no thread of its own.
+
+The worker's own loop drives it. hand_off(sock) half-closes the socket (the FIN goes
+out behind the queued response) and registers it in a selector: gthread's own poller,
+or for the sync worker a selector the engine owns, which the worker polls without
+blocking before each accept() and includes in its idle wait. Readiness calls
+on_readable(fd); the loop calls sweep(now) once per turn, one coarse timer pass for
+every lingering socket (nginx's lingering deadlines are coarse too). No thread means no
+GIL hand-over and no wake-up pipe per connection.
+
+Decisions (when to stop reading, FIN or RST, what is at stake at a stop) come from
+graceful_close.core.linger.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from ..core.counters import PROCESS_COUNTERS, Counters
+from ..core.linger import Ending, LingerState, bytes_at_stake
+from ..settings import Settings
+from .sockets import close_for, half_close, unacked_bytes, unread_bytes
+
+log = logging.getLogger("graceful_close")
+
+READ_CHUNK = 65536
+READS_PER_EVENT = 16  # one flooding client cannot starve the loop
+
+# gthread's PollableMethodQueue.defer(callback, *args): runs callback(*args) on the loop.
+Defer = Callable[..., None]
+
+
+class LingeringConnection:
+    """The engine's record of one connection it owns: the socket and its LingerState."""
+
+    __slots__ = ("sock", "fd", "state")
+
+    def __init__(self, sock: socket.socket, state: LingerState) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.state = state
+
+
+class PollDrainEngine:
+    """Owns the lingering connections of one worker loop; see the module docstring.
+
+    Every method except hand_off must run on the loop's thread. hand_off from another
+    thread (a gthread pool thread on an error path) half-closes at once and lets
+    `defer` run the registration on the loop.
+    """
+
+    def __init__(self, settings: Settings, selector: selectors.BaseSelector | None = None, *,
+                 defer: Defer | None = None, counters: Counters = PROCESS_COUNTERS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.counters = counters
+        self._clock = clock
+        self._owns_selector = selector is None
+        self._selector = selector if selector is not None else selectors.DefaultSelector()
+        self._defer = defer
+        self._loop_thread = threading.get_ident()
+        self._by_start: OrderedDict[int, LingeringConnection] = OrderedDict()     # oldest first
+        self._by_activity: OrderedDict[int, LingeringConnection] = OrderedDict()  # least recently read first
+        self._buffer = memoryview(bytearray(READ_CHUNK))
+        # The selector keeps this one object as every key's data: registering a socket
+        # allocates no bound method. gthread's loop calls key.data(key.fileobj).
+        self._on_readable = self.on_readable
+        self.stopping = False  # set by begin_stop(): what has nothing at stake closes at once
+
+    @property
+    def lingering(self) -> int:
+        return len(self._by_start)
+
+    def fileno(self) -> int | None:
+        """The engine's own selector as one descriptor (epoll/kqueue), for a worker's select()."""
+        if not self._owns_selector:
+            return None
+        fileno: Callable[[], int] | None = getattr(self._selector, "fileno", None)
+        return fileno() if fileno is not None else None
+
+    # ---- entry point ---------------------------------------------------------------
+
+    def hand_off(self, sock: socket.socket) -> None:
+        """Take the connection over: half-close now, drain and close later; never blocks.
+
+        The socket object is detached: the server's later close() or reuse of it is
+        harmless, and a second hand_off of the same object does nothing.
+        """
+        family, kind, proto = sock.family, sock.type, sock.proto
+        try:
+            fd = sock.detach()
+        except OSError:
+            return
+        if fd < 0:
+            return
+        # Naming family/type/proto spares the three getsockopt() probes of fileno= alone.
+        owned = socket.socket(family, kind, proto, fileno=fd)
+        owned.setblocking(False)
+        if self.stopping and not bytes_at_stake(unread_bytes(fd), unacked_bytes(fd), fin_sent=False):
+            # A stopping server closes an idle connection at once, as nginx does: its
+            # response is acknowledged and nothing is unread, so a plain close sends FIN.
+            half_close(owned)
+            owned.close()
+            return
+        shut = half_close(owned)  # FIN goes out now, behind the queued response
+        if self._defer is not None and threading.get_ident() != self._loop_thread:
+            self._defer(self._adopt, owned, shut)
+        else:
+            self._adopt(owned, shut)
+
+    # ---- called by the loop --------------------------------------------------------
+
+    def on_readable(self, fd: Any) -> None:
+        entry = self._by_start.get(fd)
+        if entry is None:
+            return
+        state = entry.state
+        for _ in range(READS_PER_EVENT):
+            try:
+                n = entry.sock.recv_into(self._buffer)
+            except (BlockingIOError, InterruptedError):
+                return  # nothing to read *now* is not the end: wait for EOF or a deadline
+            except OSError:
+                self._finish(entry, state.on_error())
+                return
+            if n == 0:
+                self._finish(entry, state.on_eof())
+                return
+            ending = state.on_data(n, self._clock())
+            self._by_activity.move_to_end(fd)
+            if ending:
+                self._finish(entry, ending)
+                return
+
+    def next_deadline(self) -> float | None:
+        if not self._by_start:
+            return None
+        oldest = next(iter(self._by_start.values())).state.total_deadline
+        quietest = next(iter(self._by_activity.values())).state.idle_deadline
+        return min(oldest, quietest)
+
+    def timeout(self, longest: float | None, now: float) -> float | None:
+        """How long the loop may wait for events before the next sweep is due."""
+        deadline = self.next_deadline()
+        if deadline is None:
+            return longest
+        due = max(0.0, deadline - now)
+        return due if longest is None else min(longest, due)
+
+    def sweep(self, now: float) -> None:
+        """The coarse timer pass: end every connection whose deadline has passed."""
+        for order in (self._by_start, self._by_activity):
+            while order:
+                entry = next(iter(order.values()))
+                ending = entry.state.on_timer(now)
+                if ending is None:
+                    break
+                self._finish(entry, ending)
+
+    def poll(self, timeout: float | None = 0.0) -> None:
+        """One turn on the engine's own selector (sync worker): events, then the sweep."""
+        if not self._by_start:
+            return
+        try:
+            events = self._selector.select(timeout)
+        except InterruptedError:
+            events = []
+        for key, _ in events:
+            key.data(key.fileobj)
+        self.sweep(self._clock())
+
+    # ---- stopping ------------------------------------------------------------------
+
+    def begin_stop(self) -> None:
+        """The server stops: close at once what has nothing at stake; linger the rest."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for entry in list(self._by_start.values()):
+            fd = entry.fd
+            if entry.state.discarded == 0 and not bytes_at_stake(unread_bytes(fd), unacked_bytes(fd),
+                                                                 fin_sent=True):
+                self._finish(entry, entry.state.on_quiet_shutdown())
+
+    def finish(self, grace: float, tick: Callable[[], None] | None = None) -> None:
+        """The worker loop has ended: drain for up to `grace` seconds (at most linger_time),
+        then close what is left. `tick` runs about once a second (a worker's heartbeat)."""
+        self.begin_stop()
+        grace = max(0.0, min(grace, self.settings.linger_time))
+        if self._by_start and grace > 0:
+            if not self._owns_selector:
+                self._rehome()  # the worker's poller is closed or about to be
+            stop_at = self._clock() + grace
+            next_tick = time.monotonic() + 1.0
+            while self._by_start and (now := self._clock()) < stop_at:
+                self.poll(min(stop_at - now, self.timeout(1.0, now) or 0.0))
+                if tick is not None and time.monotonic() >= next_tick:
+                    tick()
+                    next_tick = time.monotonic() + 1.0
+        for entry in list(self._by_start.values()):
+            self._finish(entry, entry.state.on_shutdown())
+        if self._owns_selector:
+            self._selector.close()
+
+    # ---- internals -----------------------------------------------------------------
+
+    def _rehome(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._owns_selector = True
+        for fd in list(self._by_start):
+            try:
+                self._selector.register(fd, selectors.EVENT_READ, self._on_readable)
+            except (OSError, ValueError):
+                entry = self._by_start[fd]
+                self._finish(entry, entry.state.on_error(), registered=False)
+
+    def _adopt(self, sock: socket.socket, shut: bool) -> None:
+        self.counters.started()
+        entry = LingeringConnection(sock, LingerState(self.settings, self._clock()))
+        if not shut:
+            self._finish(entry, entry.state.on_error(), registered=False)
+            return
+        if len(self._by_start) >= self.settings.max_lingering:
+            oldest = next(iter(self._by_start.values()))
+            self._finish(oldest, oldest.state.on_evict())
+        try:
+            self._selector.register(entry.fd, selectors.EVENT_READ, self._on_readable)
+        except (OSError, ValueError, KeyError):
+            self._finish(entry, entry.state.on_error(), registered=False)
+            return
+        self._by_start[entry.fd] = entry
+        self._by_activity[entry.fd] = entry
+
+    def _finish(self, entry: LingeringConnection, ending: Ending | None,
+                registered: bool = True) -> None:
+        if ending is None:  # ended already
+            return
+        if registered:
+            self._by_start.pop(entry.fd, None)
+            self._by_activity.pop(entry.fd, None)
+            try:
+                self._selector.unregister(entry.fd)
+            except (KeyError, ValueError, OSError, RuntimeError):
+                pass  # RuntimeError: gthread closed its poller already
+        aborted = close_for(entry.sock, ending)
+        self.counters.record_end(ending.reason, entry.state.discarded, aborted)

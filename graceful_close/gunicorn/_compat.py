@@ -1,0 +1,227 @@
+"""Every reach into gunicorn's internals by the sync and gthread workers, in one place.
+
+Each reach says what it depends on. check() verifies at start-up (the master's
+check_config) that the running gunicorn still routes its closes and responses
+through the places we rebind; if not, the server refuses to start with one line
+naming gunicorn's version and what changed. Stock closes are never served silently.
+
+Tested with gunicorn 27.0. (The gasgi ASGIWorker keeps its own reaches in
+asgi_worker.py.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import selectors
+import socket
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import gunicorn
+import gunicorn.config
+import gunicorn.util
+from gunicorn.http import body as gunicorn_body
+from gunicorn.http import parser as gunicorn_parser
+from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.workers import gthread, sync
+
+from ..engines.sockets import unread_bytes
+
+VERSION = gunicorn.__version__
+
+# 1. gunicorn.util.close_graceful(sock, timeout, max_drain): every sync and gthread path
+#    that ends a connection after a response calls it BY MODULE ATTRIBUTE (util.close_graceful):
+#    SyncWorker.handle's finally, SyncWorker/ThreadWorker.handle_request after an error
+#    mid-response, TConn.close(graceful=True). Rebinding the attribute in a worker process
+#    routes them all to the drain engine. Checked: the name in those functions' code.
+CLOSE_GRACEFUL_USERS: tuple[tuple[str, Callable[..., Any]], ...] = (
+    ("sync.SyncWorker.handle", sync.SyncWorker.handle),
+    ("sync.SyncWorker.handle_request", sync.SyncWorker.handle_request),
+    ("gthread.TConn.close", gthread.TConn.close),
+    ("gthread.ThreadWorker.handle_request", gthread.ThreadWorker.handle_request),
+)
+
+# 2. gthread.TConn: ThreadWorker.accept() builds every connection by the module-global
+#    name TConn; rebinding it gives each connection our subclass (counters, close()).
+#    TConn.close() without graceful (keep-alive expiry, errors) calls util.close, which we
+#    override in the subclass; TConn.wait_for_data/data_ready is replaced the same way.
+
+# 3. gunicorn.http.wsgi.Response: wsgi.create() builds the response of every HTTP/1
+#    request with the module-global Response when no response_class is passed (gthread's
+#    handle_request passes none). Response.send_headers() calls default_headers(), which
+#    decides "Connection:" from should_close()/must_close: the last moment to choose it.
+
+# 4. gunicorn.http.parser._DRAIN_MAX_BYTES: how much of an unread body gthread drains
+#    before it gives up on keep-alive (Parser.finish_body). We announce "Connection: close"
+#    up front when more than that is unread, instead of announcing keep-alive and closing.
+DRAIN_LIMIT: int = getattr(gunicorn_parser, "_DRAIN_MAX_BYTES", 0)
+
+# 5. Request bodies: req.body.reader is a LengthReader whose .length counts the bytes of a
+#    Content-Length body not read yet, or a ChunkedReader whose .parser is None once the
+#    last chunk was read. req.unreader/.sock is the connection's socket.
+LengthReader = gunicorn_body.LengthReader
+ChunkedReader = gunicorn_body.ChunkedReader
+
+# 6. gthread.ThreadWorker.poller: a selectors object created in init_process() and used
+#    by the main thread only; wait_for_and_dispatch_events(timeout) runs every turn of
+#    run() (also while stopping) and calls key.data(key.fileobj) for each ready key.
+#    method_queue.defer(callback, *args) runs a callback on that thread. The drain engine
+#    registers lingering sockets in that poller and sweeps after each turn.
+
+# 7. sync.SyncWorker.wait(timeout): select() over self.wait_fds, called by run_for_one and
+#    run_for_multiple when no connection is waiting; the sync drain engine's descriptor is
+#    added to wait_fds for that call.
+
+# 8. gunicorn.config.Config.worker_class: swaps any worker class whose name ends in
+#    "SyncWorker" for stock gthread when --threads > 1, without importing ours. The guard
+#    (install_sync_worker_guard) can only act when this module is imported in the master
+#    (gunicorn.conf.py calling configure(), or the hooks).
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Global and attribute names a function (and functions nested in it) looks up."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _uses(func: Any, *names: str) -> bool:
+    code = getattr(func, "__code__", None)
+    return code is not None and set(names) <= _names(code)
+
+
+def problems() -> list[str]:
+    """What no longer holds in the running gunicorn (empty when every reach works)."""
+    found: list[str] = []
+    if not callable(getattr(gunicorn.util, "close_graceful", None)):
+        found.append("gunicorn.util.close_graceful is gone")
+    for where, func in CLOSE_GRACEFUL_USERS:
+        if not _uses(func, "util", "close_graceful"):
+            found.append(f"{where} no longer calls util.close_graceful")
+    if sync.util is not gunicorn.util or gthread.util is not gunicorn.util:
+        found.append("sync/gthread no longer use gunicorn.util")
+    if not isinstance(getattr(gthread, "TConn", None), type):
+        found.append("gthread.TConn is gone")
+    elif not _uses(gthread.ThreadWorker.accept, "TConn"):
+        found.append("gthread.ThreadWorker.accept no longer builds connections with TConn")
+    if not isinstance(getattr(gunicorn_wsgi, "Response", None), type):
+        found.append("gunicorn.http.wsgi.Response is gone")
+    else:
+        if not _uses(gunicorn_wsgi.create, "Response"):
+            found.append("wsgi.create no longer builds responses with the module's Response")
+        if not _uses(gunicorn_wsgi.Response.send_headers, "default_headers"):
+            found.append("Response.send_headers no longer calls default_headers")
+        if not _uses(gunicorn_wsgi.Response.default_headers, "should_close"):
+            found.append("Response.default_headers no longer asks should_close")
+    if not isinstance(getattr(gunicorn_parser, "_DRAIN_MAX_BYTES", None), int):
+        found.append("gunicorn.http.parser._DRAIN_MAX_BYTES is gone")
+    if "length" not in inspect.getsource(gunicorn_body.LengthReader.__init__):
+        found.append("LengthReader no longer keeps .length")
+    if not _uses(gunicorn_body.ChunkedReader.read, "parser"):
+        found.append("ChunkedReader no longer keeps .parser")
+    if not _uses(gthread.ThreadWorker.init_process, "poller", "method_queue"):
+        found.append("gthread.ThreadWorker no longer creates self.poller in init_process")
+    if not _uses(gthread.ThreadWorker.run, "wait_for_and_dispatch_events"):
+        found.append("gthread.ThreadWorker.run no longer calls wait_for_and_dispatch_events")
+    if not _uses(gthread.ThreadWorker.wait_for_and_dispatch_events, "data", "fileobj"):
+        found.append("gthread's poller no longer dispatches key.data(key.fileobj)")
+    if not callable(getattr(gthread.PollableMethodQueue, "defer", None)):
+        found.append("gthread.PollableMethodQueue.defer is gone")
+    if not _uses(sync.SyncWorker.wait, "wait_fds"):
+        found.append("sync.SyncWorker.wait no longer selects on self.wait_fds")
+    if not _uses(sync.SyncWorker.run_for_one, "wait", "accept"):
+        found.append("sync.SyncWorker.run_for_one no longer calls accept() and wait()")
+    return found
+
+
+def check() -> str | None:
+    """One line when the running gunicorn no longer routes closes to us, else None."""
+    found = problems()
+    if not found:
+        return None
+    return (f"graceful-close: gunicorn {VERSION} is not supported: {'; '.join(found)} "
+            "(tested with gunicorn 27.0); refusing to serve stock closes")
+
+
+def route_closes(hand_off: Callable[..., None]) -> None:
+    """Reach 1: every close_graceful of this worker process goes to `hand_off`."""
+    gunicorn.util.close_graceful = hand_off
+
+
+def route_connections(connection_class: type) -> None:
+    """Reach 2: gthread builds every connection of this worker process with our class."""
+    gthread.TConn = connection_class
+
+
+def route_responses(response_class: type) -> None:
+    """Reach 3: every HTTP/1 response of this worker process is built with our class."""
+    gunicorn_wsgi.Response = response_class
+
+
+def unread_over(req: Any, limit: int) -> bool:
+    """Reach 5: more than `limit` bytes of this request's body are unread.
+
+    Content-Length: the reader's count. Chunked: the size is unknown until the last
+    chunk, so count what has already arrived (the parser's buffer and the socket's
+    receive queue); a chunked body still arriving beyond that is drained by gthread
+    (up to DRAIN_LIMIT) and, past it, ends the connection with a lingering close.
+    """
+    reader = req.body.reader if req.body is not None else None
+    if reader is None:
+        return False
+    if isinstance(reader, LengthReader):
+        return bool(reader.length > limit)
+    if isinstance(reader, ChunkedReader) and reader.parser is not None:
+        unreader = req.unreader
+        pending = len(unreader.buf.getbuffer())
+        sock = getattr(unreader, "sock", None)
+        if isinstance(sock, socket.socket) and sock.fileno() >= 0:
+            pending += unread_bytes(sock.fileno()) or 0
+        return pending > limit
+    return False
+
+
+def poller(worker: Any) -> selectors.BaseSelector:
+    """Reach 6: gthread's main-thread selector."""
+    selector: selectors.BaseSelector = worker.poller
+    return selector
+
+
+def defer(worker: Any) -> Callable[..., None]:
+    """Reach 6: run a callback on gthread's main thread."""
+    method: Callable[..., None] = worker.method_queue.defer
+    return method
+
+
+SYNC_SWAP_LINE = ("graceful-close: -k graceful_close.gunicorn.SyncWorker with --threads {threads} "
+                  "would run stock gthread (gunicorn swaps any *SyncWorker for gthread when "
+                  "threads > 1); use -k graceful_close.gunicorn.ThreadWorker")
+
+_original_worker_class: Any = None
+
+
+def install_sync_worker_guard() -> None:
+    """Reach 8: refuse `-k graceful_close.gunicorn.SyncWorker --threads N` with one line
+    instead of letting gunicorn silently run stock gthread."""
+    global _original_worker_class
+    if _original_worker_class is not None:
+        return
+    original = gunicorn.config.Config.__dict__.get("worker_class")
+    if not isinstance(original, property) or original.fget is None:
+        return
+    _original_worker_class = original
+    getter = original.fget
+
+    def worker_class(cfg: Any) -> Any:
+        uri = cfg.settings["worker_class"].get()
+        if isinstance(uri, str) and uri.startswith("graceful_close.") and \
+                uri.endswith("SyncWorker") and cfg.threads > 1:
+            print(SYNC_SWAP_LINE.format(threads=cfg.threads), file=sys.stderr, flush=True)
+            raise SystemExit(1)
+        return getter(cfg)
+
+    gunicorn.config.Config.worker_class = property(worker_class)

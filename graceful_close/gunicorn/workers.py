@@ -1,0 +1,401 @@
+"""SyncWorker and ThreadWorker: gunicorn's sync and gthread workers whose every close lingers.
+
+gunicorn closes client sockets with util.close_graceful (end of every sync response,
+an error after headers, gthread connections ending) and gthread's TConn.close
+(keep-alive expiry, pending expiry, errors). Stock close_graceful half-closes and reads
+on the worker's own thread: a client that never closes stalls the worker for 2 s, and
+more than 64 KiB of unread upload still ends in RST. Here both paths hand the socket to
+the worker's drain engine (engines.poll.PollDrainEngine), which the worker's own loop
+drives: gthread's poller, or the sync worker's poll before each accept() and its idle
+select(). No thread, no wake-up pipe.
+
+Every reach into gunicorn lives in ._compat and is checked at start-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import select
+import socket
+import sys
+import time
+from typing import Any
+
+from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.workers import base, gthread, sync
+
+from .. import metrics
+from ..core.keepalive import KeepAlivePolicy
+from ..engines.poll import PollDrainEngine
+from ..settings import Settings, SettingsError, current_settings
+from . import _compat
+
+__all__ = ["SyncWorker", "ThreadWorker"]
+
+# Leave this much of gunicorn's graceful_timeout for the exit itself: the arbiter
+# sends SIGKILL when it runs out, and a killed worker resets what still lingers.
+STOP_MARGIN = 1.0
+# Out of descriptors (lingering sockets hold some): stop accepting this long instead of
+# letting accept() raise out of the worker loop; nginx pauses 500 ms as well.
+ACCEPT_PAUSE = 0.5
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# The drain engine of this worker process (one worker per process).
+_engine: PollDrainEngine | None = None
+# The ThreadWorker of this process, for its responses; set by its init_process.
+_worker: ThreadWorker
+
+
+def _hand_off(sock: socket.socket, *_args: Any, **_kwargs: Any) -> None:
+    """Drop-in for gunicorn.util.close_graceful(sock, timeout, max_drain)."""
+    if _engine is not None:
+        _engine.hand_off(sock)
+    else:  # a close before the loop started (none in gunicorn 27): nothing to linger for
+        sock.close()
+
+
+def _log_to_gunicorn(gunicorn_log: Any) -> None:
+    """Our log lines (engine errors, the exit summary) go where gunicorn's error log goes,
+    unless the application configured the "graceful_close" logger itself."""
+    ours = logging.getLogger("graceful_close")
+    error_log = getattr(gunicorn_log, "error_log", None)
+    if ours.handlers or not isinstance(error_log, logging.Logger):
+        return
+    for handler in error_log.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(error_log.level)
+    ours.propagate = False
+
+
+class _GracefulWorker(base.Worker):
+    """Shared by both workers: checks at start-up, closes routed to the drain engine,
+    and the stop within gunicorn's limits. (A base.Worker, so that super() reaches the
+    sync or gthread worker it is mixed into: their common base comes after both.)"""
+
+    graceful_settings: Settings
+    drain: PollDrainEngine
+    _quick_exit = False
+    _term_at: float | None = None
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Runs in the master at start-up: an incompatible gunicorn or a bad setting
+        stops gunicorn with one line."""
+        problem = _compat.check()
+        if problem is not None:
+            print(problem, file=sys.stderr, flush=True)
+            sys.exit(1)
+        try:
+            settings = current_settings()
+        except SettingsError as exc:
+            print(exc, file=sys.stderr, flush=True)
+            sys.exit(1)
+        log.info(settings.describe())
+        parent = getattr(super(), "check_config", None)
+        if parent is not None:
+            parent(cfg, log)
+
+    def init_process(self) -> None:
+        self.graceful_settings = current_settings()
+        _compat.route_closes(_hand_off)
+        _log_to_gunicorn(self.log)
+        metrics.maybe_start_for_worker()
+        super().init_process()  # runs the worker loop; returns at exit
+
+    def _start_engine(self, engine: PollDrainEngine) -> None:
+        global _engine
+        self.drain = _engine = engine
+
+    def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful stop
+        if self._term_at is None:
+            self._term_at = time.monotonic()
+        super().handle_exit(sig, frame)
+
+    def handle_quit(self, sig: int, frame: Any) -> None:  # SIGQUIT, SIGINT: quick stop
+        self._quick_exit = True
+        super().handle_quit(sig, frame)
+
+    def handle_abort(self, sig: int, frame: Any) -> None:  # the arbiter's timeout
+        self._quick_exit = True
+        super().handle_abort(sig, frame)
+
+    def _finish_engine(self) -> None:
+        engine = getattr(self, "drain", None)
+        try:
+            if engine is not None:
+                engine.finish(self._stop_grace(), tick=self.notify)
+        finally:
+            metrics.flush_at_worker_exit()
+
+    def _stop_grace(self) -> float:
+        """How long lingering sockets with bytes at stake may still run once the worker
+        loop has ended (those with nothing at stake close at once)."""
+        if self._quick_exit:
+            return 0.0
+        if self._term_at is not None:
+            left = self.cfg.graceful_timeout - (time.monotonic() - self._term_at) - STOP_MARGIN
+            return max(0.0, min(self.graceful_settings.linger_time, left))
+        # max_requests restart or lost parent: nobody waits for us, but the replacement
+        # worker starts only when this one exits, so keep it short.
+        return self.graceful_settings.linger_timeout
+
+
+class _DescriptorShortage:
+    """Around accept(): EMFILE and its kin are noted (with a warning), not raised."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.until = 0.0  # when accepting may resume; 0 while nothing went wrong
+
+    def __enter__(self) -> _DescriptorShortage:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if not isinstance(exc, OSError) or exc.errno not in _OUT_OF_DESCRIPTORS:
+            return False
+        self.log.warning("graceful-close: accept() failed (%s); pausing accepts for %gs",
+                         exc.strerror, ACCEPT_PAUSE)
+        self.until = time.monotonic() + ACCEPT_PAUSE
+        return True
+
+
+class SyncWorker(_GracefulWorker, sync.SyncWorker):
+    """gunicorn's sync worker; lingering sockets are drained between requests.
+
+    Before each accept() the worker polls its lingering set without blocking, and its
+    idle select() includes the set (one epoll descriptor), so a client that never
+    closes costs the worker nothing and delays no one.
+
+    The sync worker answers every request with "Connection: close" (gunicorn forces
+    it): there is no keep-alive to decide; use ThreadWorker for keep-alive. With
+    --threads > 1 gunicorn would run stock gthread instead: see _compat, reach 8.
+    """
+
+    wait_fds: list[Any]
+    _wait_fds_with_drain: list[Any]
+    _drain_fd: int | None = None
+
+    def run(self) -> None:
+        self._start_engine(PollDrainEngine(self.graceful_settings))
+        self._drain_fd = self.drain.fileno()
+        self._wait_fds_with_drain = [*self.wait_fds, self._drain_fd]
+        try:
+            super().run()
+        finally:  # also when handle_quit's sys.exit unwinds the loop
+            self._finish_engine()
+
+    def accept(self, listener: socket.socket) -> None:
+        drain = self.drain
+        if drain.lingering:
+            drain.poll(0)
+        shortage = _DescriptorShortage(self.log)
+        with shortage:
+            super().accept(listener)
+        if shortage.until:
+            # The connection waits in the kernel's backlog. Meanwhile serve the lingering
+            # sockets: they are what holds the descriptors.
+            while (left := shortage.until - time.monotonic()) > 0:
+                if drain.lingering:
+                    drain.poll(left)
+                else:
+                    time.sleep(left)
+
+    def wait(self, timeout: float) -> Any:
+        drain = self.drain
+        if not drain.lingering or self._drain_fd is None:
+            return super().wait(timeout)
+        own = self.wait_fds
+        self.wait_fds = self._wait_fds_with_drain
+        try:
+            ready = super().wait(drain.timeout(timeout, time.monotonic()))
+        finally:
+            self.wait_fds = own
+        drain.poll(0)
+        return [fd for fd in ready if fd != self._drain_fd] if ready else ready
+
+
+class _Connection(gthread.TConn):
+    """gthread's connection plus what the keep-alive policy needs; every close lingers.
+
+    The policy runs on a connection's first request (the User-Agent rule, decided once),
+    when its request cap is due, when it is older than the age cap, and for every request
+    of a client whose rule closes only on POST. Other requests pay one increment.
+    """
+
+    data_ready: bool
+    # Set by ThreadWorker.init_process (one worker per process).
+    age_cap = math.inf
+    first_check = 1
+
+    def __init__(self, cfg: Any, sock: socket.socket, client: Any, server: Any) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.accepted_at = time.monotonic()
+        self.close_after = self.accepted_at + self.age_cap
+        self.requests = 0
+        self.next_check = self.first_check  # request number at which the policy runs
+        self.post_closes = False
+
+    def close(self, graceful: bool = False) -> None:
+        # Keep-alive expiry and errors can leave unread client bytes too. Never raises:
+        # TConn.close(graceful=True) on a socket already closed raises EBADF and makes
+        # finish_request count the connection twice.
+        _hand_off(self.sock)
+
+    def wait_for_data(self, timeout: float) -> bool:
+        # Copied from TConn.wait_for_data, with poll() for its per-connection epoll: poll()
+        # takes no descriptor, so a worker short of them (lingering sockets hold some)
+        # still serves the connections it has accepted instead of failing them.
+        if self.data_ready:
+            return True
+        poller = select.poll()
+        try:
+            poller.register(self.sock, select.POLLIN)
+            ready = bool(poller.poll(timeout * 1000))
+        except (OSError, ValueError):
+            return False
+        self.data_ready = ready
+        return ready
+
+
+class _Response(gunicorn_wsgi.Response):
+    """gunicorn's HTTP/1 response; its Connection header is chosen when it is sent.
+
+    That is the last moment it can be chosen: an app may read the request body after
+    start_response, so "unread body" is decided here, not at start_response.
+    """
+
+    must_close: bool
+
+    def default_headers(self) -> list[str]:
+        worker = _worker  # installed by ThreadWorker.init_process, after _worker is set
+        if not self.must_close and (worker.terminating or _compat.unread_over(self.req, _compat.DRAIN_LIMIT)):
+            # SIGTERM: the response in flight ends the connection. Unread body: gthread
+            # would announce keep-alive, give up draining after DRAIN_LIMIT, and close.
+            self.must_close = True
+        headers: list[str] = super().default_headers()
+        if worker.keepalive_header and not self.should_close():
+            headers.append(worker.keepalive_header_for(self.req))
+        return headers
+
+
+class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
+    """gunicorn's gthread worker with lingering closes and the keep-alive policy.
+
+    Per request: the request cap, the connection age cap and the User-Agent rules
+    decide; a response that ends the connection carries "Connection: close". With
+    keepalive_header=true, one that keeps it carries "Keep-Alive: timeout, max".
+    After SIGTERM, responses in flight carry "Connection: close"; at --max-requests the
+    one in flight keeps keep-alive and the next request is answered with close (stock).
+    """
+
+    keepalive_policy: KeepAlivePolicy
+    keepalive_header = False
+    terminating = False  # SIGTERM received
+    clock = 0.0  # the loop's clock, read once per loop turn: the age cap checks against it
+    _accept_paused_until = 0.0
+
+    def init_process(self) -> None:
+        global _worker
+        settings = current_settings()
+        self.keepalive_policy = KeepAlivePolicy(settings)
+        self.keepalive_header = settings.keepalive_header
+        _Connection.age_cap = settings.keepalive_time or math.inf
+        # Without a cap, User-Agent rule or header there is nothing to decide per request.
+        needs_first = bool(settings.keepalive_requests or settings.keepalive_time
+                           or self.keepalive_policy.user_agents.active or self.keepalive_header)
+        _Connection.first_check = 1 if needs_first else sys.maxsize
+        _worker = self
+        self.clock = time.monotonic()
+        _compat.route_connections(_Connection)
+        _compat.route_responses(_Response)
+        super().init_process()
+
+    def run(self) -> None:
+        self._start_engine(PollDrainEngine(self.graceful_settings, _compat.poller(self),
+                                           defer=_compat.defer(self)))
+        try:
+            super().run()
+        finally:
+            self._finish_engine()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.terminating = True
+        super().handle_exit(sig, frame)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        # One turn of gthread's loop (also while stopping): events, then one clock read,
+        # one coarse sweep of the lingering sockets, and the stop rule once alive is off.
+        drain = self.drain
+        if drain.lingering:
+            timeout = drain.timeout(timeout, self.clock) or 0.0
+        super().wait_for_and_dispatch_events(timeout)
+        self.clock = now = time.monotonic()
+        if drain.lingering:
+            drain.sweep(now)
+        if not self.alive and not drain.stopping:
+            drain.begin_stop()
+
+    def accept(self, listener: socket.socket) -> None:
+        shortage = _DescriptorShortage(self.log)
+        with shortage:
+            super().accept(listener)
+        if shortage.until:
+            # Stock gthread re-raises EMFILE and the worker dies. Unregister the listeners
+            # for a moment instead: sleeping here would stall the poller and every
+            # connection on it.
+            self._accept_paused_until = shortage.until
+            self.set_accept_enabled(False)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # gthread's loop re-enables accepting on every turn; hold off until the pause ends.
+        if enabled and self._accept_paused_until and time.monotonic() < self._accept_paused_until:
+            return
+        super().set_accept_enabled(enabled)
+
+    def handle_request(self, req: Any, conn: _Connection) -> bool:
+        conn.requests += 1
+        if conn.requests >= conn.next_check or self.clock >= conn.close_after:
+            self._apply_policy(req, conn)
+        return super().handle_request(req, conn)
+
+    def _apply_policy(self, req: Any, conn: _Connection) -> None:
+        """The rare path: first request, a cap due, or a client whose rule needs the method."""
+        policy = self.keepalive_policy
+        if req.should_close():  # the client closes anyway
+            return
+        settings = self.graceful_settings
+        user_agent = None
+        if conn.requests == 1 and policy.user_agents.active:
+            user_agent = _user_agent(req)
+            if user_agent:
+                conn.post_closes = policy.user_agents.verdict(user_agent)[1]
+        elif conn.post_closes:
+            user_agent = _user_agent(req)
+        decision = policy.decide(conn.requests, conn.accepted_at, self.clock, user_agent, req.method)
+        if not decision.keep_alive:
+            req.must_close = True  # gunicorn then answers "Connection: close"
+            return
+        if self.keepalive_header or conn.post_closes:
+            conn.next_check = 0  # every request
+        elif settings.keepalive_requests:
+            conn.next_check = settings.keepalive_requests
+        else:
+            conn.next_check = sys.maxsize
+
+    def keepalive_header_for(self, req: Any) -> str:
+        """Keep-Alive: timeout=<keepalive>[, max=<requests left>] (keepalive_header=true)."""
+        value = f"Keep-Alive: timeout={int(self.cfg.keepalive)}"
+        cap = self.graceful_settings.keepalive_requests
+        if cap:
+            value += f", max={max(cap - req.req_number, 0)}"
+        return value + "\r\n"
+
+
+def _user_agent(req: Any) -> str | None:
+    for name, value in req.headers:  # gunicorn upper-cases header names
+        if name == "USER-AGENT":
+            return str(value)
+    return None
+
