@@ -5,9 +5,11 @@
 
 Built on the `uvicorn-worker` package's UvicornWorker. What changes:
 - the protocol: graceful_close.uvicorn's (httptools when installed, else h11);
-- settings are validated in gunicorn's master (one-line error);
+- settings and the uvicorn/uvicorn-worker internals we rely on (graceful_close.uvicorn._compat)
+  are checked in gunicorn's master: one line and no worker boots if either is wrong;
 - uvicorn's stop is bounded inside gunicorn's --graceful-timeout;
-- SIGQUIT (gunicorn's quick stop) stops uvicorn; stock ignored it until SIGKILL;
+- SIGQUIT (gunicorn's quick stop, which SIGINT to the master sends) stops uvicorn at once:
+  lingering connections and half-received requests end now. Stock ignored it until SIGKILL;
 - the counters are flushed (snapshot, summary line) when the worker exits.
 """
 
@@ -20,6 +22,8 @@ from typing import Any
 from uvicorn_worker import UvicornWorker as _StockUvicornWorker
 
 from .. import metrics
+from ..settings import startup_settings
+from . import _compat, lifecycle
 
 # gunicorn SIGKILLs a worker graceful_timeout seconds after SIGTERM; uvicorn must be
 # done (requests finished, lingering connections ended) a little before that.
@@ -32,12 +36,12 @@ class UvicornWorker(_StockUvicornWorker):
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
-        """Runs in gunicorn's master: a bad GRACEFUL_CLOSE_* value stops it with one line,
-        instead of every worker failing to boot."""
-        from . import protocols as _protocols  # reads and validates the settings
-
-        settings = _protocols.current_settings()
-        log.info(settings.describe())
+        """Runs in gunicorn's master: a bad GRACEFUL_CLOSE_* value, or a uvicorn that no longer
+        works the way we rely on, stops it with one line instead of every worker failing."""
+        found = _compat.check_worker()
+        if found:
+            raise SystemExit(_compat.refusal(found))
+        log.info(startup_settings().describe())
         parent = getattr(super(), "check_config", None)
         if parent is not None:
             parent(cfg, log)
@@ -58,8 +62,12 @@ class UvicornWorker(_StockUvicornWorker):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """uvicorn-worker's SIGQUIT handler (gunicorn's quick stop, and what SIGINT to the
         arbiter sends): the stock one only clears self.alive, which uvicorn never reads, so
-        the worker ran on until gunicorn's SIGKILL. Stop uvicorn as on SIGINT."""
+        the worker ran on until gunicorn's SIGKILL. Stop uvicorn as on SIGINT, which our
+        stop watch turns into ending every connection at once."""
         super().handle_exit(sig, frame)
+        server = _compat.running_server()
+        if server is not None:
+            lifecycle.watch_stop(server)
         signal.raise_signal(signal.SIGINT)
 
     def run(self) -> None:
