@@ -1,5 +1,5 @@
 """Real nginx and Apache httpd for the probe tests: configs from tests/servers/, rendered into
-a tmp dir, on 127.0.0.1 and a free port, in the foreground.
+a tmp dir, on 127.0.0.1 and a free port, in the foreground. Also hypercorn and waitress.
 
 Both run as the current user. Started as root they hand their workers to an unprivileged
 user (Apache refuses to serve as root), so the tmp dir is made world-readable.
@@ -122,6 +122,47 @@ class RealServer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> RealServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class PythonServer:
+    """hypercorn or waitress serving one of our sample apps on 127.0.0.1 and a free port."""
+
+    argv_for_port: list[str]       # with "{port}" where the port goes
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PythonServer:
+        self.port = free_port()
+        argv = [arg.replace("{port}", str(self.port)) for arg in self.argv_for_port]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if sock.recv(12).startswith(b"HTTP/1."):
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{' '.join(argv)} never answered on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def __enter__(self) -> PythonServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -359,8 +359,10 @@ def judge_close_pipeline(same: clients.Exchange, late: clients.Exchange, request
                        f"request and when they were {late_how}: whole response, clean FIN",
                        data=data, finding="lingered")
     if same_kind == "ok":
+        nginx = server.lower().startswith("nginx")
         hint = (" This is nginx's default `lingering_close on` (it lingers only on input "
-                "already pending); `lingering_close always` lingers for these too." if server.lower().startswith("nginx") else "")
+                "already pending); `lingering_close always` lingers for these too." if nginx
+                else "")
         return Verdict("close-pipeline", FAIL, outcome, ending,
                        f"{request}: GETs pipelined in the same write were read before it "
                        f"closed (whole response, FIN), but GETs {late_how} reached it after it "
