@@ -15,13 +15,11 @@ import ssl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx  # with http2=True it needs the h2 package (gunicorn needs it to serve HTTP/2 too)
 import pytest
 import trustme
 
 from graceful_close.diagnostics.launch import ServerProcess, gunicorn_server
-
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("h2")  # httpx's HTTP/2 support (the test extra needs h2)
 
 WSGI = "graceful_close.diagnostics.sample_apps:wsgi_app"
 ASGI = "graceful_close.diagnostics.sample_apps:asgi_app"
