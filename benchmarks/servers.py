@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graceful_close.diagnostics.launch import (
+    ASGI_WORKERS,
     GUNICORN_WORKERS,
     UVICORN_PROTOCOLS,
     ServerProcess,
@@ -48,7 +49,7 @@ class BenchTarget:
         args: list[str] = list(extra_args)
         if self.key == "gthread":
             args += ["--threads", GTHREAD_THREADS]
-        app = ASGI_APP if self.key == "uvicorn-worker" else WSGI_APP
+        app = ASGI_APP if self.key in ASGI_WORKERS else WSGI_APP
         return gunicorn_server(app, impl, args=args, env=env, workers=1)
 
 
@@ -58,4 +59,7 @@ TARGETS = {
     "uvicorn-worker": BenchTarget("uvicorn-worker", "gunicorn UvicornWorker", "gunicorn"),
     "h11": BenchTarget("h11", "uvicorn h11", "uvicorn"),
     "httptools": BenchTarget("httptools", "uvicorn httptools", "uvicorn"),
+    "asgi": BenchTarget("asgi", "gunicorn asgi (gasgi)", "gunicorn"),
+    "gevent": BenchTarget("gevent", "gunicorn gevent", "gunicorn"),
+    "zttp": BenchTarget("zttp", "uvicorn zttp", "uvicorn"),
 }

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .console import table_console
-from .launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, ServerProcess, gunicorn_server, uvicorn_server
+from .launch import (
+    ASGI_WORKERS,
+    GUNICORN_WORKERS,
+    UVICORN_PROTOCOLS,
+    ServerProcess,
+    gunicorn_server,
+    uvicorn_server,
+)
 from .probe import FAIL, NOT_EXERCISED, PASS, WARN, ProbeConfig, ProbeReport, Verdict, run_probe
 from .scenarios import Target, never_closing, timed_request
 
@@ -51,7 +58,7 @@ COLUMNS = (  # (scenario key, column title)
 @dataclass(frozen=True)
 class DemoServer:
     family: str     # gunicorn or uvicorn
-    kind: str       # sync, gthread, uvicorn-worker, h11, httptools
+    kind: str       # sync, gthread, uvicorn-worker, asgi, gevent, h11, httptools, zttp
     graceful: bool
     spec: str       # worker class or --http value
 
@@ -66,7 +73,7 @@ class DemoServer:
             args = ["--keep-alive", KEEPALIVE_SECONDS, "--graceful-timeout", "3"]
             if self.kind == "gthread":
                 args += ["--threads", "2"]
-            app = SAMPLE_ASGI if self.kind == "uvicorn-worker" else SAMPLE_WSGI
+            app = SAMPLE_ASGI if self.kind in ASGI_WORKERS else SAMPLE_WSGI
             return gunicorn_server(app, self.spec, args=args, env=env)
         return uvicorn_server(SAMPLE_ASGI, self.spec, env=env,
                               args=["--timeout-keep-alive", KEEPALIVE_SECONDS,

@@ -26,10 +26,15 @@ GUNICORN_WORKERS = {
     "sync": ("sync", "graceful_close.gunicorn.SyncWorker"),
     "gthread": ("gthread", "graceful_close.gunicorn.ThreadWorker"),
     "uvicorn-worker": ("uvicorn_worker.UvicornWorker", "graceful_close.gunicorn.UvicornWorker"),
+    "asgi": ("asgi", "graceful_close.gunicorn.ASGIWorker"),
+    "gevent": ("gevent", "graceful_close.gunicorn.GeventWorker"),
 }
+# The gunicorn workers above that serve ASGI apps (the others serve WSGI).
+ASGI_WORKERS = frozenset({"uvicorn-worker", "asgi"})
 UVICORN_PROTOCOLS = {
     "h11": ("h11", "graceful_close.uvicorn:H11Protocol"),
     "httptools": ("httptools", "graceful_close.uvicorn:HttpToolsProtocol"),
+    "zttp": ("zttp", "graceful_close.uvicorn:ZttpProtocol"),
 }
 
 
