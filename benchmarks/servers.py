@@ -8,15 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graceful_close.diagnostics.launch import (
-    ASGI_WORKERS,
-    GUNICORN_WORKERS,
-    UVICORN_PROTOCOLS,
-    ServerProcess,
-    gunicorn_server,
-    import_problem,
-    uvicorn_server,
-)
+from graceful_close.diagnostics import launch
 
 WSGI_APP = "graceful_close.diagnostics.sample_apps:wsgi_app"
 ASGI_APP = "graceful_close.diagnostics.sample_apps:asgi_app"
@@ -26,31 +18,31 @@ GTHREAD_THREADS = "4"
 
 @dataclass(frozen=True)
 class BenchTarget:
-    key: str    # short name from launch.GUNICORN_WORKERS / UVICORN_PROTOCOLS
+    key: str    # short name from launch.GUNICORN_WORKERS / launch.UVICORN_PROTOCOLS
     label: str  # how the report names it
     server: str  # "gunicorn" or "uvicorn"
 
     def implementation(self, variant: str) -> str:
-        table = GUNICORN_WORKERS if self.server == "gunicorn" else UVICORN_PROTOCOLS
+        table = launch.GUNICORN_WORKERS if self.server == "gunicorn" else launch.UVICORN_PROTOCOLS
         stock, ours = table[self.key]
         return stock if variant == "stock" else ours
 
     def missing(self) -> str | None:
         """Why our variant cannot run (its class does not import), or None."""
-        return import_problem(self.implementation("graceful"))
+        return launch.import_problem(self.implementation("graceful"))
 
     def make(self, variant: str, env: dict[str, str] | None = None, loop: str = "uvloop",
-             extra_args: tuple[str, ...] = ()) -> ServerProcess:
+             extra_args: tuple[str, ...] = ()) -> launch.ServerProcess:
         """A ServerProcess (not started) with one worker process."""
         impl = self.implementation(variant)
         env = dict(env or {}) if variant == "graceful" else {}
         if self.server == "uvicorn":
-            return uvicorn_server(ASGI_APP, impl, loop=loop, args=extra_args, env=env)
+            return launch.uvicorn_server(ASGI_APP, impl, loop=loop, args=extra_args, env=env)
         args: list[str] = list(extra_args)
         if self.key == "gthread":
             args += ["--threads", GTHREAD_THREADS]
-        app = ASGI_APP if self.key in ASGI_WORKERS else WSGI_APP
-        return gunicorn_server(app, impl, args=args, env=env, workers=1)
+        app = ASGI_APP if self.key in launch.ASGI_WORKERS else WSGI_APP
+        return launch.gunicorn_server(app, impl, args=args, env=env, workers=1)
 
 
 TARGETS = {

@@ -11,6 +11,7 @@ import socket
 import ssl
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
@@ -170,7 +171,7 @@ def pipelined(target: Target, requests: list[bytes], expected: int, gap: float =
 
 
 def pipelined_after_close(target: Target, close_path: str = "/big?close=1", follow: int = 5,
-                          **kwargs: object) -> ScenarioResult:
+                          **kwargs: Any) -> ScenarioResult:
     """A response that ends the connection, with requests pipelined behind it.
 
     The first request asks for Connection: close itself, which every server honours
@@ -178,8 +179,7 @@ def pipelined_after_close(target: Target, close_path: str = "/big?close=1", foll
     """
     first = request_bytes("GET", close_path, target.authority, {"Connection": "close"})
     rest = [request_bytes("GET", "/", target.authority)] * follow
-    return pipelined(target, [first, *rest], expected=1, name="pipelined_after_close",
-                     **kwargs)  # type: ignore[arg-type]
+    return pipelined(target, [first, *rest], expected=1, name="pipelined_after_close", **kwargs)
 
 
 def _watch_release(sock: socket.socket, result: ScenarioResult, eof_at: float, hold: float,
@@ -197,9 +197,10 @@ def _watch_release(sock: socket.socket, result: ScenarioResult, eof_at: float, h
             result.released_after = time.monotonic() - eof_at
             return
         try:
-            if next_trickle is not None and time.monotonic() >= next_trickle:
+            if trickle_every is not None and next_trickle is not None \
+                    and time.monotonic() >= next_trickle:
                 sock.send(b"t")
-                next_trickle += trickle_every  # type: ignore[operator]
+                next_trickle += trickle_every
             if sock.recv(1) == b"":
                 pass  # EOF seen again; keep holding
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):

@@ -18,6 +18,7 @@ class ConnectionEnded(Exception):
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
         self.kind = kind
+        self.response: Response | None = None  # what had arrived of the response being read
 
 
 @dataclass
@@ -90,7 +91,7 @@ class ResponseReader:
         try:
             self._read_into(response, head_request)
         except ConnectionEnded as ended:
-            ended.response = response  # type: ignore[attr-defined]
+            ended.response = response
             raise
         return response
 
