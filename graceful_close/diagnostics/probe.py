@@ -42,7 +42,7 @@ SCENARIO_TITLES = {
     "close-pipeline": "server closes + pipelined",
     "idle": "request at idle timeout",
     "upload": "early answer to upload",
-    "drain": "drain after FIN",
+    "drain": "drain after answer",
 }
 PASS, FAIL, WARN, NOT_EXERCISED = "pass", "fail", "warn", "not-exercised"
 OPEN_NOTE = ("the server then kept the connection open (a lingering server on TLS, which "
@@ -313,8 +313,8 @@ def _lost_text(ex: clients.Exchange) -> str:
         return "RST destroyed the whole response"
     if response.complete:
         return "RST after the whole response (no byte lost this time)"
-    return (f"RST destroyed the response bytes still in flight: {response.received_length} of "
-            f"{_size(response)} B arrived")
+    return (f"RST destroyed the bytes in flight ({response.received_length} of "
+            f"{_size(response)} B arrived)")
 
 
 def judge_close_pipeline(same: clients.Exchange, late: clients.Exchange, request: str,
@@ -339,8 +339,8 @@ def judge_close_pipeline(same: clients.Exchange, late: clients.Exchange, request
                       "queued_at_follow": queued}}
     outcome = f"same write: {_attempt_text(same)}; in flight: {_attempt_text(late)}"
     ending = _ending_text(worst.ending)
-    late_how = (f"sent {clients.FOLLOW_GAP * 1000:.0f} ms after the request, while the response "
-                "was arriving" + (f" ({queued} B of it had reached us)" if queued else ""))
+    late_how = (f"sent {clients.FOLLOW_GAP * 1000:.0f} ms later, while the response was "
+                "arriving" + (f" ({queued} B in)" if queued else ""))
     if late_kind == "rst" and same_kind == "not":
         return Verdict("close-pipeline", FAIL, outcome, ending,
                        f"{request}: GETs {late_how} reached it after it had closed: "
@@ -360,15 +360,14 @@ def judge_close_pipeline(same: clients.Exchange, late: clients.Exchange, request
                        data=data, finding="lingered")
     if same_kind == "ok":
         nginx = server.lower().startswith("nginx")
-        hint = (" This is nginx's default `lingering_close on` (it lingers only on input "
-                "already pending); `lingering_close always` lingers for these too." if nginx
-                else "")
+        hint = (" nginx's default `lingering_close on` lingers only on input already "
+                "pending; `lingering_close always` covers this." if nginx else "")
         return Verdict("close-pipeline", FAIL, outcome, ending,
                        f"{request}: GETs pipelined in the same write were read before it "
-                       f"closed (whole response, FIN), but GETs {late_how} reached it after it "
-                       f"had closed: {_lost_text(late)}. It does not linger for input still in "
-                       f"flight when it closes, and a WAN client's pipelined requests often "
-                       f"are.{hint}", data=data, finding="in-flight-reset")
+                       f"closed (whole response, FIN); GETs {late_how} reached it after it had "
+                       f"closed: {_lost_text(late)}. It does not linger for input still in "
+                       f"flight, as a WAN client's pipelined requests often are.{hint}",
+                       data=data, finding="in-flight-reset")
     return Verdict("close-pipeline", FAIL, outcome, ending,
                    f"{request}: it closed with our pipelined GETs unread although they arrived "
                    f"in the same write as the request: {_lost_text(same)}. It does not linger "
@@ -444,7 +443,8 @@ def judge_upload(ex: clients.Exchange, size: int, path: str, hold_reason: str) -
             "status": response.status if response else None,
             "received": response.received_length if response else 0,
             "expected": response.expected_length if response else None,
-            "open_for": open_for, "next": following, "note": ex.note}
+            "open_for": open_for, "next": following, "note": ex.note,
+            "answered_after": ex.extra.get("answered_after")}
     outcome = _response_text(response)
     ending = _ending_text(ex.ending)
     sent_note = f"we sent {sent} of {size} B" + (f"; {ex.note}" if ex.note else "")
@@ -478,6 +478,13 @@ def judge_upload(ex: clients.Exchange, size: int, path: str, hold_reason: str) -
                        f"early {response.status} whole ({sent_note}), then a clean FIN "
                        f"{open_for:.1f} s later: it read the rest of the upload, no RST",
                        data=data, finding="lingered")
+    early = ex.extra.get("answered_after") is not None or bool(ex.note)
+    if not early and isinstance(following, str) and following.startswith("answered"):
+        return Verdict("upload", NOT_EXERCISED, outcome, "kept alive",
+                       f"answered {response.status} only once the whole upload was sent, then "
+                       f"kept the connection alive (it {following} to a next request on it): "
+                       f"no early answer; {SMALL_LIMIT_HINT}", data=data,
+                       finding="no-early-answer")
     if following is None:
         then = "it no longer read our upload"
     elif following.startswith("answered"):
@@ -589,7 +596,7 @@ def run_probe(config: ProbeConfig, progress: Callable[[str], None] | None = None
         idle_timeout = idle.data.get("announced") or idle.data.get("idle_timeout") if idle else None
         if isinstance(idle_timeout, (int, float)) and idle_timeout > 0.05:
             hold = min(float(idle_timeout), config.idle_max) + clients.IDLE_SLACK
-            reason = f"its {float(idle_timeout):g} s idle timeout"
+            reason = f"its {float(idle_timeout):.1f} s idle timeout"
         else:
             hold = config.idle_max
             reason = f"--idle-max ({config.idle_max:g} s)"

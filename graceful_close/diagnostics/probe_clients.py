@@ -18,6 +18,7 @@ socket's TCP state: CLOSE after an EOF means the peer answered with RST.
 from __future__ import annotations
 
 import fcntl
+import select
 import socket
 import ssl
 import sys
@@ -27,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .scenarios import Target, collect_responses, send_unread_upload
+from .scenarios import UPLOAD_CHUNK, Target, collect_responses
 from .wire import ConnectionEnded, Response, ResponseReader, request_bytes
 
 TCP_CLOSE_STATE = 7  # Linux tcp_states.h: TCP_CLOSE, where a socket lands after RST
@@ -235,12 +236,14 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
     to `hold` seconds (past the server's idle timeout) for the connection to end: one
     still open then is held for ever or stuck. Once our whole body is sent, one GET on
     it (allowed: the request is complete) tells a live connection from a stuck one.
-    extra: sent, open_for (s), next ('answered 200', 'no answer', ...).
+    extra: sent, answered_after (B sent when the answer was readable), open_for (s),
+    next ('answered 200', 'no answer', ...).
     """
     exchange = Exchange()
     start = time.monotonic()
     with target.connect(timeout) as sock:
-        sent, stopped = send_unread_upload(sock, target, path, size)
+        sent, stopped, answered_after = _send_upload_watching(sock, target, path, size)
+        exchange.extra["answered_after"] = answered_after
         if stopped == "reset":
             exchange.note = f"reset while sending, after {sent} of {size} B"
         elif stopped == "stalled":
@@ -261,6 +264,30 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
             exchange.ending = ending_after_eof(sock, exchange.ending)
     exchange.elapsed = time.monotonic() - start
     return exchange
+
+
+def _send_upload_watching(sock: socket.socket, target: Target, path: str,
+                          size: int) -> tuple[int, str | None, int | None]:
+    """POST headers and `size` body bytes without reading anything back.
+
+    Returns the bytes sent, how sending stopped early ("reset", "stalled" or None) and
+    how many bytes had been sent when an answer was first waiting to be read (None if
+    only after the whole upload): an early answer shows up while we still send.
+    """
+    sock.sendall(request_bytes("POST", path, target.authority, content_length=size,
+                               headers={"Content-Type": "application/octet-stream"}))
+    chunk, sent, answered_after = b"u" * UPLOAD_CHUNK, 0, None
+    try:
+        while sent < size:
+            sock.sendall(chunk[:size - sent])
+            sent += min(UPLOAD_CHUNK, size - sent)
+            if answered_after is None and sent < size and select.select([sock], [], [], 0)[0]:
+                answered_after = sent
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+        return sent, "reset", answered_after
+    except TimeoutError:
+        return sent, "stalled", answered_after
+    return sent, None, answered_after
 
 
 def _next_request(sock: socket.socket, reader: CappedReader, target: Target, path: str,
