@@ -15,6 +15,7 @@ import threading
 from .linger import EndReason
 
 _LOCK = threading.Lock()
+_END_FIELDS = {reason: "ended_" + reason.value for reason in EndReason}
 
 
 @dataclasses.dataclass
@@ -42,7 +43,7 @@ class Counters:
         self.count("lingering_started")
 
     def record_end(self, reason: EndReason, discarded: int, aborted: bool) -> None:
-        field = "ended_" + reason.value
+        field = _END_FIELDS[reason]
         with _LOCK:
             setattr(self, field, getattr(self, field) + 1)
             self.bytes_discarded += discarded

@@ -116,7 +116,7 @@ class LingerState:
         the FIN that went out at the half-close being all the client needs."""
         if self.ending:
             return None
-        self.ending = Ending(EndReason.SHUTDOWN, False)
+        self.ending = _ENDINGS[EndReason.SHUTDOWN, False]
         return self.ending
 
     def on_timer(self, now: float) -> Ending | None:
@@ -129,5 +129,9 @@ class LingerState:
         return None
 
     def _end(self, reason: EndReason) -> Ending:
-        self.ending = Ending(reason, self._abort and reason in _MAY_ABORT)
+        self.ending = _ENDINGS[reason, self._abort and reason in _MAY_ABORT]
         return self.ending
+
+
+# Endings are immutable: one of each, not one per closed connection.
+_ENDINGS = {(reason, abort): Ending(reason, abort) for reason in EndReason for abort in (False, True)}

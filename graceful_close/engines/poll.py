@@ -14,7 +14,10 @@ graceful_close.core.linger.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import select
 import selectors
 import socket
 import threading
@@ -62,27 +65,49 @@ class PollDrainEngine:
         self.settings = settings
         self.counters = counters
         self._clock = clock
-        self._owns_selector = selector is None
-        self._selector = selector if selector is not None else selectors.DefaultSelector()
         self._defer = defer
         self._loop_thread = threading.get_ident()
         self._by_start: OrderedDict[int, LingeringConnection] = OrderedDict()     # oldest first
         self._by_activity: OrderedDict[int, LingeringConnection] = OrderedDict()  # least recently read first
         self._buffer = memoryview(bytearray(READ_CHUNK))
-        # The selector keeps this one object as every key's data: registering a socket
-        # allocates no bound method. gthread's loop calls key.data(key.fileobj).
-        self._on_readable = self.on_readable
+        # No deadline is earlier than this (the earliest one seen by the last sweep):
+        # deadlines only move later (new sockets, reads), so most sweeps end at one compare.
+        self._due = math.inf
         self.stopping = False  # set by begin_stop(): what has nothing at stake closes at once
+        self._own: Any = None  # our own epoll/selector, when the worker has no selector to share
+        if selector is not None:
+            self._use_selector(selector)
+        else:
+            self._use_own()
+
+    def _use_selector(self, selector: selectors.BaseSelector) -> None:
+        # The worker's selector (gthread's poller): its loop calls key.data(key.fileobj),
+        # and every key carries the same bound method, so a registration allocates none.
+        self._register: Callable[[int], Any] = functools.partial(
+            selector.register, events=selectors.EVENT_READ, data=self.on_readable)
+        self._unregister: Callable[[int], Any] = selector.unregister
+
+    def _use_own(self) -> None:
+        if hasattr(select, "epoll"):  # Linux: C calls only, no selectors bookkeeping
+            epoll = select.epoll()
+            self._own = epoll
+            self._register = functools.partial(epoll.register, eventmask=select.EPOLLIN)
+            self._unregister = epoll.unregister
+            self._ready: Callable[[float | None], list[tuple[int, int]]] = epoll.poll
+        else:  # pragma: no cover - elsewhere
+            selector = selectors.DefaultSelector()
+            self._own = selector
+            self._register = functools.partial(selector.register, events=selectors.EVENT_READ)
+            self._unregister = selector.unregister
+            self._ready = lambda timeout: [(key.fd, mask) for key, mask in selector.select(timeout)]
 
     @property
     def lingering(self) -> int:
         return len(self._by_start)
 
     def fileno(self) -> int | None:
-        """The engine's own selector as one descriptor (epoll/kqueue), for a worker's select()."""
-        if not self._owns_selector:
-            return None
-        fileno: Callable[[], int] | None = getattr(self._selector, "fileno", None)
+        """The engine's own epoll (or kqueue) as one descriptor, for a worker's select()."""
+        fileno: Callable[[], int] | None = getattr(self._own, "fileno", None)
         return fileno() if fileno is not None else None
 
     # ---- entry point ---------------------------------------------------------------
@@ -148,14 +173,15 @@ class PollDrainEngine:
 
     def timeout(self, longest: float | None, now: float) -> float | None:
         """How long the loop may wait for events before the next sweep is due."""
-        deadline = self.next_deadline()
-        if deadline is None:
+        if not self._by_start:
             return longest
-        due = max(0.0, deadline - now)
+        due = max(0.0, self._due - now)
         return due if longest is None else min(longest, due)
 
     def sweep(self, now: float) -> None:
         """The coarse timer pass: end every connection whose deadline has passed."""
+        if now < self._due:
+            return
         for order in (self._by_start, self._by_activity):
             while order:
                 entry = next(iter(order.values()))
@@ -163,17 +189,14 @@ class PollDrainEngine:
                 if ending is None:
                     break
                 self._finish(entry, ending)
+        self._due = self.next_deadline() or math.inf
 
     def poll(self, timeout: float | None = 0.0) -> None:
         """One turn on the engine's own selector (sync worker): events, then the sweep."""
         if not self._by_start:
             return
-        try:
-            events = self._selector.select(timeout)
-        except InterruptedError:
-            events = []
-        for key, _ in events:
-            key.data(key.fileobj)
+        for fd, _ in self._ready(-1 if timeout is None else timeout):
+            self.on_readable(fd)
         self.sweep(self._clock())
 
     # ---- stopping ------------------------------------------------------------------
@@ -195,7 +218,7 @@ class PollDrainEngine:
         self.begin_stop()
         grace = max(0.0, min(grace, self.settings.linger_time))
         if self._by_start and grace > 0:
-            if not self._owns_selector:
+            if self._own is None:
                 self._rehome()  # the worker's poller is closed or about to be
             stop_at = self._clock() + grace
             next_tick = time.monotonic() + 1.0
@@ -206,17 +229,16 @@ class PollDrainEngine:
                     next_tick = time.monotonic() + 1.0
         for entry in list(self._by_start.values()):
             self._finish(entry, entry.state.on_shutdown())
-        if self._owns_selector:
-            self._selector.close()
+        if self._own is not None:
+            self._own.close()
 
     # ---- internals -----------------------------------------------------------------
 
     def _rehome(self) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._owns_selector = True
+        self._use_own()
         for fd in list(self._by_start):
             try:
-                self._selector.register(fd, selectors.EVENT_READ, self._on_readable)
+                self._register(fd)
             except (OSError, ValueError):
                 entry = self._by_start[fd]
                 self._finish(entry, entry.state.on_error(), registered=False)
@@ -231,12 +253,14 @@ class PollDrainEngine:
             oldest = next(iter(self._by_start.values()))
             self._finish(oldest, oldest.state.on_evict())
         try:
-            self._selector.register(entry.fd, selectors.EVENT_READ, self._on_readable)
+            self._register(entry.fd)
         except (OSError, ValueError, KeyError):
             self._finish(entry, entry.state.on_error(), registered=False)
             return
         self._by_start[entry.fd] = entry
         self._by_activity[entry.fd] = entry
+        if self._due == math.inf:
+            self._due = entry.state.deadline
 
     def _finish(self, entry: LingeringConnection, ending: Ending | None,
                 registered: bool = True) -> None:
@@ -246,8 +270,8 @@ class PollDrainEngine:
             self._by_start.pop(entry.fd, None)
             self._by_activity.pop(entry.fd, None)
             try:
-                self._selector.unregister(entry.fd)
-            except (KeyError, ValueError, OSError, RuntimeError):
+                self._unregister(entry.fd)
+            except (KeyError, ValueError, OSError, RuntimeError, AttributeError):
                 pass  # RuntimeError: gthread closed its poller already
         aborted = close_for(entry.sock, ending)
         self.counters.record_end(ending.reason, entry.state.discarded, aborted)
