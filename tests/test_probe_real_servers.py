@@ -221,8 +221,14 @@ def test_hypercorn_resets_in_flight_requests_and_early_answers() -> None:
                                        SAMPLE_UPLOAD, "--idle-max", "3", *QUICK)
         raw = early_response_upload(Target("127.0.0.1", server.port), SAMPLE_UPLOAD,
                                     timeout=10)
+        # HTTP/1.0 with GETs in the same write: h11 refuses them and hypercorn answers 400.
+        _, http10, _ = probe(url, "--big-path", SAMPLE_BIG, "--only", "close-pipeline", *QUICK)
     found = verdicts(report)
     assert report["server"].startswith("hypercorn"), (stderr, report)
+    refused = verdicts(http10)["close-pipeline"]
+    assert refused["data"]["same_write"]["status"] == 400, refused
+    assert "answered 400" in refused["evidence"] and "(400, " in refused["outcome"]
+    assert refused["status"] == "fail" and refused["data"]["in_flight"]["result"] == "rst"
     assert status == 1
     assert found["pipeline"]["status"] == "pass"
     close = found["close-pipeline"]
@@ -250,8 +256,13 @@ def test_waitress_small_body_limit_resets_its_413() -> None:
         raw = early_response_upload(Target("127.0.0.1", server.port), SAMPLE_UPLOAD,
                                     timeout=10)
         cut, ending = raw_close_pipeline(server.port, SAMPLE_BIG, gap=0.05)
+        # Our WSGI app sends no Connection: close: waitress keeps the connection alive.
+        _, kept, _ = probe(url, "--close-path", SAMPLE_CLOSE, "--only", "close-pipeline", *QUICK)
     found = verdicts(report)
     assert report["server"] == "waitress", (stderr, report)
+    not_closed = verdicts(kept)["close-pipeline"]
+    assert not_closed["status"] == "not-exercised", not_closed
+    assert "no Connection: close" in not_closed["evidence"]
     assert status == 1
     assert found["pipeline"]["status"] == "pass"
     close = found["close-pipeline"]

@@ -141,7 +141,7 @@ def _end_after_last(reader: CappedReader, wait: float) -> str:
     """
     reader.deadline = time.monotonic() + wait
     ending = reader.read_end()
-    return "OPEN" if ending == "TIMEOUT" else ending
+    return "OPEN" if ending.startswith("TIMEOUT") else ending  # TIMEOUT+nB: it answered more
 
 
 def preflight(target: Target, path: str, timeout: float, max_bytes: int) -> Exchange:
