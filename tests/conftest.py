@@ -1,6 +1,11 @@
+import ssl
+from pathlib import Path
+
 import pytest
+import trustme
 
 from graceful_close.diagnostics.launch import ServerProcess
+from tests.helpers import trusting
 
 
 @pytest.fixture
@@ -15,3 +20,24 @@ def start_server():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory) -> tuple[Path, trustme.CA]:
+    """A test CA and its certificate for 127.0.0.1 and localhost, written as
+    <dir>/key.pem and <dir>/cert.pem (with the chain), for servers started with TLS."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certdir = tmp_path_factory.mktemp("certs")
+    cert.private_key_pem.write_to_path(str(certdir / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(certdir / "cert.pem"))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(certdir / "cert.pem"), append=True)
+    return certdir, ca
+
+
+@pytest.fixture(scope="session")
+def certs(tls_certs) -> tuple[Path, ssl.SSLContext]:
+    """tls_certs' directory and a client context that trusts its CA."""
+    certdir, ca = tls_certs
+    return certdir, trusting(ca)

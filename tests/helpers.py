@@ -6,9 +6,12 @@ graceful_close.diagnostics.processes, shared with the benchmarks; they are re-ex
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 import warnings
+
+import trustme
 
 from graceful_close.diagnostics.processes import (
     fd_count,
@@ -23,8 +26,8 @@ from graceful_close.diagnostics.wire import ConnectionEnded, Response, ResponseR
 SAMPLE_WSGI = "graceful_close.diagnostics.sample_apps:wsgi_app"
 SAMPLE_ASGI = "graceful_close.diagnostics.sample_apps:asgi_app"
 __all__ = ["SAMPLE_ASGI", "SAMPLE_WSGI", "StockFixed", "count_state", "exchange_on_one_connection",
-           "expect_stock_failure", "fd_count", "tcp_states", "trickle", "wait_until", "worker_pid",
-           "worker_pids"]
+           "expect_stock_failure", "fd_count", "tcp_states", "trickle", "trusting", "wait_until",
+           "worker_pid", "worker_pids"]
 
 
 class StockFixed(UserWarning):
@@ -36,6 +39,14 @@ def expect_stock_failure(failed: bool, what: str) -> None:
     is reported (a warning in the summary), not turned into a red run."""
     if not failed:
         warnings.warn(StockFixed(f"stock no longer fails: {what}"), stacklevel=2)
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    """A new client context that trusts the test CA (a new one per user: httpx sets ALPN on
+    the context it is given)."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
 
 
 def count_state(port: int, state: str) -> int:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import trustme
 
 from graceful_close.diagnostics.launch import ServerProcess, gunicorn_server
 from graceful_close.diagnostics.processes import fd_count, wait_until, worker_pid
@@ -102,20 +101,6 @@ def test_user_agent_rule_disables_keep_alive(start_server, worker: str) -> None:
 
 
 # ---- TLS -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> tuple[Path, ssl.SSLContext]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certdir = tmp_path_factory.mktemp("certs")
-    cert.private_key_pem.write_to_path(str(certdir / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(certdir / "cert.pem"))
-    for pem in cert.cert_chain_pems[1:]:
-        pem.write_to_path(str(certdir / "cert.pem"), append=True)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return certdir, client
-
 
 def tls_server(worker: str, certs: tuple[Path, ssl.SSLContext]) -> ServerProcess:
     certdir, client = certs

@@ -11,15 +11,14 @@ only, and this test would then fail on the protocol version.
 
 from __future__ import annotations
 
-import ssl
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx  # with http2=True it needs the h2 package (gunicorn needs it to serve HTTP/2 too)
 import pytest
 import trustme
 
 from graceful_close.diagnostics.launch import ServerProcess, gunicorn_server
+from tests.helpers import trusting
 
 WSGI = "graceful_close.diagnostics.sample_apps:wsgi_app"
 ASGI = "graceful_close.diagnostics.sample_apps:asgi_app"
@@ -34,25 +33,6 @@ H2_TLS = ["--http-protocols", "h2,h1"]
 SIZES = (3, 300_000, 2_000_000)
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> tuple[Path, trustme.CA]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certdir = tmp_path_factory.mktemp("certs")
-    cert.private_key_pem.write_to_path(str(certdir / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(certdir / "cert.pem"))
-    for pem in cert.cert_chain_pems[1:]:
-        pem.write_to_path(str(certdir / "cert.pem"), append=True)
-    return certdir, ca
-
-
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    """A new one per user: httpx sets ALPN (h2 only) on the context it is given."""
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
 def _exchange(client: httpx.Client, base: str) -> list[tuple[str, int, int]]:
     """Sequential requests, then five concurrent streams on the same connection."""
     answers = [client.get(f"{base}/big?size={size}") for size in SIZES]
@@ -63,7 +43,7 @@ def _exchange(client: httpx.Client, base: str) -> list[tuple[str, int, int]]:
 
 def _served(server: ServerProcess, ca: trustme.CA | None) -> list[tuple[str, int, int]]:
     scheme = "https" if ca is not None else "http"
-    verify = client_context(ca) if ca is not None else False
+    verify = trusting(ca) if ca is not None else False
     # http1=False over http:// is prior knowledge (h2c); over https:// ALPN offers h2 only.
     with httpx.Client(http1=False, http2=True, verify=verify, timeout=10) as client:
         return _exchange(client, f"{scheme}://127.0.0.1:{server.port}")
@@ -71,9 +51,9 @@ def _served(server: ServerProcess, ca: trustme.CA | None) -> list[tuple[str, int
 
 @pytest.mark.parametrize("mode", ["h2c", "tls-alpn"])
 @pytest.mark.parametrize("app, stock, ours, extra", PAIRS)
-def test_http2_is_served_as_stock_serves_it(start_server, certs, mode: str, app: str, stock: str,
+def test_http2_is_served_as_stock_serves_it(start_server, tls_certs, mode: str, app: str, stock: str,
                                             ours: str, extra: list[str]) -> None:
-    certdir, ca = certs
+    certdir, ca = tls_certs
     tls = mode == "tls-alpn"
     args = [*extra, *(H2_TLS + ["--certfile", str(certdir / "cert.pem"),
                                 "--keyfile", str(certdir / "key.pem")] if tls else H2C)]
@@ -81,7 +61,7 @@ def test_http2_is_served_as_stock_serves_it(start_server, certs, mode: str, app:
     for worker in (stock, ours):
         plain = gunicorn_server(app, worker, args=args)
         server = start_server(ServerProcess(plain.argv, plain.env,
-                                            tls=client_context(ca) if tls else None))
+                                            tls=trusting(ca) if tls else None))
         served[worker] = _served(server, ca if tls else None)
         server.stop()
         assert "HTTP/1.1 only" not in server.log_text()

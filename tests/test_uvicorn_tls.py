@@ -8,10 +8,7 @@ few pipelined requests are harmless even to stock uvicorn; 20,000 of them (about
 
 from __future__ import annotations
 
-import ssl
-
 import pytest
-import trustme
 
 from graceful_close.diagnostics.launch import ServerProcess
 from graceful_close.diagnostics.scenarios import Target, never_closing, pipelined_after_close
@@ -19,20 +16,6 @@ from tests.uvicorn_servers import LINGER_TIME, tls_server
 
 BIG = 2_000_000
 FOLLOW = 20_000
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certdir = tmp_path_factory.mktemp("certs")
-    cert.private_key_pem.write_to_path(str(certdir / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(certdir / "cert.pem"))
-    for pem in cert.cert_chain_pems[1:]:
-        pem.write_to_path(str(certdir / "cert.pem"), append=True)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return certdir, client
 
 
 @pytest.fixture(scope="module")
