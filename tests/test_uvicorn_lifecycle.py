@@ -175,11 +175,26 @@ def test_quick_stop_ends_a_trickling_request_at_once(app_dir: Path, name: str, s
 
 # ---- item 13: the exit summary ---------------------------------------------------------------
 
-@pytest.mark.parametrize("http", ["httptools", "h11"])
-def test_sigterm_without_open_connections_logs_the_exit_summary(app_dir: Path, http: str) -> None:
+RUN_WITH_CLASS = textwrap.dedent('''
+    import uvicorn
+
+    from graceful_close.uvicorn import H11Protocol
+
+    if __name__ == "__main__":  # our module is imported before the server runs
+        uvicorn.run("lifecycle_app:app", host="127.0.0.1", port=0, http=H11Protocol)
+''')
+
+
+@pytest.mark.parametrize("how", ["httptools", "h11", "uvicorn.run-class"])
+def test_sigterm_without_open_connections_logs_the_exit_summary(app_dir: Path, how: str) -> None:
     """uvicorn leaves by re-raising SIGTERM, so atexit never runs; old main logged the summary
     only when the last connection of a stopping server ended, i.e. never with none open."""
-    server = _uvicorn(app_dir, OURS_UVICORN[http]).start()  # its readiness probe has closed
+    if how == "uvicorn.run-class":
+        script = app_dir / "run_with_class.py"
+        script.write_text(RUN_WITH_CLASS)
+        server = ServerProcess([sys.executable, str(script)]).start()
+    else:
+        server = _uvicorn(app_dir, OURS_UVICORN[how]).start()  # its readiness probe has closed
     try:
         time.sleep(0.5)
         before = len(server.log)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import uvicorn.server
 
@@ -42,9 +43,24 @@ def server_starting(server: uvicorn.server.Server) -> None:
     watch_stop(server)
 
 
+def first_connection() -> None:
+    """The first connection of this process: when uvicorn imported our protocols before its
+    server ran (uvicorn.run with the class, gunicorn's UvicornWorker), this is where we first
+    see the server."""
+    metrics.maybe_start_for_worker()
+    server = _compat.running_server()
+    if server is not None:
+        watch_stop(server)
+
+
+_watched: weakref.WeakSet[uvicorn.server.Server] = weakref.WeakSet()
+
+
 def watch_stop(server: uvicorn.server.Server) -> None:
     """Make the server's stop quick when asked, and log the summary when it is over."""
-    _compat.around_shutdown(server, before=_before_shutdown, after=metrics.flush_at_worker_exit)
+    if server not in _watched:
+        _watched.add(server)
+        _compat.around_shutdown(server, before=_before_shutdown, after=metrics.flush_at_worker_exit)
 
 
 def _before_shutdown(server: uvicorn.server.Server) -> None:
