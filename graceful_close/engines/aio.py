@@ -17,8 +17,8 @@ linger_timeout the idle deadlines are in the same order, and ONE timer handle pe
 loop (armed at the earliest deadline, at most every SWEEP_INTERVAL) ends the due
 ones from the front. linger_time is checked whenever a connection shows activity
 (data, or its response still flushing), which is the only way it can outlive its
-idle deadline. Decisions come from the sans-io core (LingerState), like the
-threaded engine; the RST rule uses engines.sockets.can_abort_safely.
+idle deadline. Decisions come from the sans-io core, like the other engines:
+LingerState, and the RST rule (core.linger.nothing_unacked) fed with SIOCOUTQ.
 
 Plain TCP: FIN after the response, discard until EOF or a deadline, then close;
 RST on a deadline only when the transport's buffer is empty and the kernel says
@@ -33,13 +33,13 @@ import socket
 import struct
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, MutableSet
-from typing import Any
+from collections.abc import MutableSet
+from typing import Any, cast
 
 from ..core.counters import PROCESS_COUNTERS, Counters
-from ..core.linger import Ending, LingerState
+from ..core.linger import Ending, LingerState, bytes_at_stake, nothing_unacked
 from ..settings import Settings, current_settings
-from .sockets import can_abort_safely
+from .sockets import unacked_bytes, unread_bytes
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
@@ -98,8 +98,6 @@ class LingeringConnection(asyncio.Protocol):
         connections = self.server_connections
         if connections is not None:
             connections.discard(self)
-            if not connections and engine.stopping and engine.when_server_empty is not None:
-                engine.when_server_empty()
 
     # ---- what a server calls on its open connections ----------------------------------
 
@@ -113,7 +111,8 @@ class LingeringConnection(asyncio.Protocol):
         if self.transport.get_write_buffer_size() > 0:
             return False
         fd = _fileno(self.transport)
-        return fd is not None and can_abort_safely(fd, fin_sent=not self.tls)  # TLS: no half-close
+        # TLS: no half-close, so no FIN of ours in the count.
+        return fd is not None and nothing_unacked(unacked_bytes(fd), fin_sent=not self.tls)
 
 
 class AsyncioDrainEngine:
@@ -134,9 +133,6 @@ class AsyncioDrainEngine:
         self._sweep_at = 0.0
         self._shutdown_at: float | None = None
         self._shutdown_timer: asyncio.TimerHandle | None = None
-        # Called when a stopping server's last connection is gone (the adapter logs its
-        # exit summary there: uvicorn leaves by re-raising the signal, atexit never runs).
-        self.when_server_empty: Callable[[], None] | None = None
 
     @property
     def lingering(self) -> int:
@@ -168,7 +164,7 @@ class AsyncioDrainEngine:
         if server_connections is not None:
             server_connections.add(conn)
         transport.set_protocol(conn)
-        self.counters.lingering_started += 1
+        self.counters.started()
         lingering[conn] = None
         if not tls and transport.can_write_eof():
             try:
@@ -215,7 +211,7 @@ class AsyncioDrainEngine:
         while due and due[0][0] <= now:
             conn = due.popleft()[1]
             if conn in self._closing and conn._safe_to_abort() and _abort_with_rst(conn.transport):
-                self.counters.aborted_with_rst += 1
+                self.counters.count("aborted_with_rst")
         deadlines = [due[0][0]] if due else []
         if lingering:
             deadlines.append(next(iter(lingering)).state.deadline)
@@ -280,6 +276,18 @@ class AsyncioDrainEngine:
         self._shutdown_timer = None
 
 
+def nothing_at_stake(transport: asyncio.BaseTransport) -> bool:
+    """A stopping server may close this connection at once, without lingering: nothing
+    queued or unacknowledged of ours, nothing of the client's unread (the rule itself:
+    core.linger.bytes_at_stake). Unknown counts (no socket, not Linux) are at stake."""
+    if cast(asyncio.WriteTransport, transport).get_write_buffer_size() > 0:
+        return False
+    fd = _fileno(transport)
+    if fd is None:
+        return False
+    return not bytes_at_stake(unread_bytes(fd), unacked_bytes(fd), fin_sent=False)
+
+
 def _fileno(transport: asyncio.BaseTransport) -> int | None:
     sock = transport.get_extra_info("socket")
     if sock is None:
@@ -317,5 +325,5 @@ def drain_engine(loop: asyncio.AbstractEventLoop) -> AsyncioDrainEngine:
     return engine
 
 
-__all__ = ["AsyncioDrainEngine", "LingeringConnection", "SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL",
-           "drain_engine"]
+__all__ = ["SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL", "AsyncioDrainEngine", "LingeringConnection",
+           "drain_engine", "nothing_at_stake"]

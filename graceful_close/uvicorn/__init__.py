@@ -3,9 +3,16 @@
     uvicorn app:app --http graceful_close.uvicorn:HttpToolsProtocol
     uvicorn app:app --http graceful_close.uvicorn:H11Protocol
     uvicorn app:app --http graceful_close.uvicorn:AutoHTTPProtocol   # httptools if installed
+    uvicorn app:app --http graceful_close.uvicorn:ZttpProtocol       # pip install "graceful-close[zttp]"
     gunicorn -k graceful_close.uvicorn.worker.UvicornWorker app:app  # uvicorn under gunicorn
+
+ZttpProtocol and AutoZttpProtocol are imported on first access, so this package
+imports without zttp; accessing them without it says what to install.
 """
 
+from typing import Any
+
+from ._mixin import LingeringCloseMixin
 from .protocols import (
     AutoHTTPProtocol,
     ClosingTransport,
@@ -15,5 +22,14 @@ from .protocols import (
     current_settings,
 )
 
+
+def __getattr__(name: str) -> Any:
+    if name in ("ZttpProtocol", "AutoZttpProtocol"):
+        from . import zttp
+
+        return getattr(zttp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["AutoHTTPProtocol", "ClosingTransport", "H11Protocol", "HttpToolsProtocol",
-           "configure", "current_settings"]
+           "LingeringCloseMixin", "configure", "current_settings"]

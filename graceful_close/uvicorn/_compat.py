@@ -10,6 +10,7 @@ Tested with uvicorn 0.54 and uvicorn-worker 0.4.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import multiprocessing
 import signal
@@ -180,3 +181,107 @@ def check_worker() -> list[str]:
 def refusal(found: list[str]) -> str:
     return (f"graceful-close: uvicorn {VERSION} is not supported: {'; '.join(found)} "
             f"(tested with uvicorn 0.54, uvicorn-worker 0.4)")
+
+
+# ---- the HTTP protocols (graceful_close.uvicorn._mixin, protocols, zttp) ----------------------
+#
+# P1. Every close of uvicorn's h11, httptools and zttp protocols goes through the transport
+#     given to connection_made(): self.transport.close() (keep-alive timeout, 400, shutdown,
+#     connection_lost) and cycle.transport.close() (Connection: close, HTTP/1.0, 500, app
+#     errors), each RequestResponseCycle being built with transport=self.transport. Our
+#     ClosingTransport's close() is where the lingering close starts.
+# P2. connection_lost(None) is the protocol's whole connection-lost bookkeeping (it leaves
+#     server_state.connections, wakes the request cycle, cancels the keep-alive timer and,
+#     for httptools, drops the parser). We run it right after handing the socket off.
+# P3. server_state.connections: the set of open connections whose shutdown() Server.shutdown
+#     calls and which it waits for; the drain engine's LingeringConnection takes the
+#     protocol's place in it.
+# P4. timeout_keep_alive_task / timeout_keep_alive / timeout_keep_alive_handler: the
+#     keep-alive timer, cancelled by every data_received() and armed by
+#     on_response_complete(). Armed means "idle since the last response" (a stop closes
+#     such a connection at once when nothing is at stake), and we re-arm it after an early
+#     response's unread body.
+# P5. self.cycle is the request cycle the protocol creates per request (in httptools'
+#     on_headers_complete, in h11's and zttp's handle_events), before the task that runs it
+#     starts; its keep_alive, response_started, response_complete, default_headers (written
+#     before the app's headers) and send (looked up by run_asgi when the task starts).
+#     httptools writes Connection: close itself when keep_alive is False; h11 and zttp do not.
+# P6. httptools: self.pipeline, the cycles queued behind the one in flight.
+# P7. self.headers (lowercase names) and self.scope["method"] of the current request, for the
+#     User-Agent rule; handle_websocket_upgrade() hands self.transport to the WebSocket protocol.
+
+
+class UvicornHTTPProtocol(asyncio.Protocol):
+    """What the mixin uses of uvicorn's HTTP protocols, for the type checker only (the
+    mixin's base when type checking; object at run time)."""
+
+    loop: asyncio.AbstractEventLoop
+    config: Any
+    server_state: Any
+    transport: asyncio.Transport
+    cycle: Any
+    headers: list[tuple[bytes, bytes]]
+    scope: Any
+    timeout_keep_alive: int
+    timeout_keep_alive_task: asyncio.TimerHandle | None
+
+    def timeout_keep_alive_handler(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        raise NotImplementedError
+
+
+_PROTOCOL_SOURCE = {
+    # method: what its source must contain (P1-P7)
+    "timeout_keep_alive_handler": ("self.transport.close()",),
+    "connection_lost": ("self.connections.discard(self)", "self.transport.close()"),
+    "on_response_complete": ("self.timeout_keep_alive_task = self.loop.call_later(",),
+    "data_received": ("self._unset_keepalive_if_required()",),
+    "shutdown": ("self.transport.close()", "self.cycle.keep_alive = False"),
+    "handle_websocket_upgrade": ("connection_made(self.transport)",),
+}
+_CYCLE_SOURCE = {
+    "run_asgi": ("self.send",),
+    "send": ("self.default_headers + list(", "self.transport.close()", "self.keep_alive"),
+}
+_REQUEST_START = {"H11Protocol": "handle_events", "HttpToolsProtocol": "on_headers_complete",
+                  "ZttpProtocol": "handle_events"}
+
+
+def _check_protocol(module: Any, name: str) -> list[str]:
+    protocol = getattr(module, name, None)
+    cycle = getattr(module, "RequestResponseCycle", None)
+    if protocol is None or cycle is None:
+        return [f"{module.__name__} has no {name} / RequestResponseCycle"]
+    found = []
+    wanted = {**_PROTOCOL_SOURCE, _REQUEST_START[name]: ("self.cycle = RequestResponseCycle(",
+                                                          "transport=self.transport")}
+    for owner, table in ((protocol, wanted), (cycle, _CYCLE_SOURCE)):
+        for method, needles in table.items():
+            source = _source(getattr(owner, method, None))
+            for needle in needles:
+                if needle not in source:
+                    found.append(f"{owner.__name__}.{method} no longer has `{needle}`")
+    if name == "HttpToolsProtocol" and "self.pipeline" not in _source(protocol.on_headers_complete):
+        found.append("HttpToolsProtocol no longer queues pipelined cycles in self.pipeline")
+    return found
+
+
+def protocol_problems() -> list[str]:
+    """What no longer holds in the running uvicorn's HTTP protocols (empty when all is well).
+    Only the protocols importable here are checked (httptools and zttp are optional)."""
+    import importlib
+
+    found = []
+    for module_name, name in (("h11_impl", "H11Protocol"), ("httptools_impl", "HttpToolsProtocol"),
+                              ("zttp_impl", "ZttpProtocol")):
+        try:
+            module = importlib.import_module(f"uvicorn.protocols.http.{module_name}")
+        except ImportError:
+            continue
+        found += _check_protocol(module, name)
+    return found

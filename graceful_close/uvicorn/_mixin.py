@@ -1,0 +1,342 @@
+"""The lingering close and the keep-alive policy for any asyncio protocol that closes
+through its transport (uvicorn's h11, httptools and zttp protocols here).
+
+The protocol is given a ClosingTransport: the real transport's write methods, bound
+once per connection (no extra call per write), and a close() that hands the real
+transport to the drain engine (graceful_close.engines.aio) and then runs the
+protocol's own connection_lost(None) bookkeeping, so the protocol, its parser and
+its request cycle are freed while the socket lingers.
+
+Per request the policy costs an integer increment and a compare against the loop
+clock: the User-Agent rule is decided once per connection, on its first request, and
+everything else (the request cap, the age cap, a Keep-Alive header when configured)
+runs only on a request that ends the connection.
+
+A subclass says where a request starts (call _gc_on_request(cycle) once per new request
+cycle), how a response says "close" (_gc_say_close) and which cycles are unanswered
+when the server stops (_gc_unanswered). Every uvicorn attribute used is listed in
+graceful_close.uvicorn._compat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, cast
+
+from ..core.keepalive import KeepAlivePolicy
+from ..engines.aio import drain_engine, nothing_at_stake
+from ..settings import current_settings
+from . import _compat, lifecycle
+
+if TYPE_CHECKING:
+    _Base = _compat.UvicornHTTPProtocol
+else:
+    _Base = object
+
+CLOSE = (b"connection", b"close")
+_NO_CAP = 2**62
+
+
+class _Process:
+    """What every connection of this process shares, built at its first connection
+    (settings may be configured after this module is imported)."""
+
+    policy: KeepAlivePolicy | None = None
+    keepalive_header = False
+
+
+def _start_process() -> KeepAlivePolicy:
+    """The first connection of this process: check uvicorn's protocols, build the policy."""
+    found = _compat.protocol_problems()
+    if found:
+        raise SystemExit(_compat.refusal(found))
+    settings = current_settings()
+    lifecycle.first_connection()  # metrics, and the stop watch when uvicorn was started with us
+    _Process.keepalive_header = settings.keepalive_header
+    policy = _Process.policy = KeepAlivePolicy(settings)
+    return policy
+
+
+def _drop(*_args: Any) -> None:
+    """write() once closing: nothing may follow the response we linger behind."""
+
+
+def _true() -> bool:
+    return True
+
+
+class ClosingTransport:
+    """What the protocol sees as its transport: close() hands the connection off.
+
+    write, writelines and is_closing are the real transport's bound methods, stored per
+    instance, so the per-request path costs no extra call; the rest forward. (Not an
+    asyncio.Transport subclass: its methods would shadow these instance attributes.)
+    """
+
+    __slots__ = ("_real", "_on_close", "write", "writelines", "is_closing")
+
+    write: Callable[[bytes | bytearray | memoryview], None]
+    writelines: Callable[[Iterable[bytes | bytearray | memoryview]], None]
+    is_closing: Callable[[], bool]
+
+    def __init__(self, real: asyncio.Transport, on_close: Callable[[], None]) -> None:
+        self._real = real
+        self._on_close = on_close
+        self.write = real.write
+        self.writelines = real.writelines
+        self.is_closing = real.is_closing
+
+    def close(self) -> None:
+        on_close = self._on_close
+        if on_close is not _drop:
+            self._on_close = _drop  # once; and no reference cycle back to the protocol
+            self.write = self.writelines = _drop
+            self.is_closing = _true
+            on_close()
+
+    def abort(self) -> None:
+        self.close()
+        self._real.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._real.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._real.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._real.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._real.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._real.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._real.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self._real.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._real.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._real.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return False  # the drain engine half-closes; uvicorn's protocols never ask
+
+
+def _has_token(value: bytes, token: bytes) -> bool:
+    return any(part.strip() == token for part in value.lower().split(b","))
+
+
+def _says_close(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    # len() first: "connection" is 10 bytes long
+    return any(len(name) == 10 and bytes(name).lower() == b"connection"
+               and _has_token(bytes(value), b"close") for name, value in headers)
+
+
+def add_header_unless_app_closes(cycle: Any, extra: tuple[bytes, bytes]) -> None:
+    """Add `extra` through the cycle's default headers (uvicorn writes them before the
+    app's), unless the app's response says Connection: close itself (then a Keep-Alive
+    header would be wrong and a second Connection header redundant).
+
+    Only on responses that end the connection, or with keepalive_header: it wraps the
+    cycle's send, which the request task looks up when it first runs. The app's headers
+    are never consumed: any other iterable than a list or tuple is copied into a list
+    once and handed on in a copy of the message.
+    """
+    plain = cycle.default_headers
+    send = cycle.send
+
+    def send_with_header(message: Any) -> Any:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            if not isinstance(headers, (list, tuple)):
+                headers = list(headers)
+                message = {**message, "headers": headers}
+            if not _says_close(headers):
+                cycle.default_headers = [*plain, extra]
+        return send(message)
+
+    cycle.send = send_with_header
+
+
+class LingeringCloseMixin(_Base):
+    """Put it first in the bases of an asyncio protocol that closes through its transport."""
+
+    __slots__ = ("_gc_transport", "_gc_done", "_gc_requests", "_gc_cap", "_gc_accepted",
+                 "_gc_age_deadline", "_gc_user_agent", "_gc_closing")
+
+    _gc_transport: asyncio.Transport  # the real one; the protocol only sees its ClosingTransport
+    _gc_done: bool  # handed off, closed at once, or lost: the protocol is done with the socket
+    _gc_requests: int  # requests on this connection, the current one included
+    _gc_cap: int  # from this request number on, decide on the slow path (0: every request)
+    _gc_accepted: float  # loop.time() at connection_made
+    _gc_age_deadline: float  # loop.time() from which the age cap ends the connection
+    _gc_user_agent: bytes | None  # of the first request, when User-Agent rules are active
+    _gc_closing: bool  # a response that ends the connection was decided
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        policy = _Process.policy or _start_process()
+        real = cast(asyncio.Transport, transport)
+        now = self.loop.time()
+        self._gc_transport = real
+        self._gc_done = False
+        self._gc_requests = 0
+        self._gc_cap = 0 if _Process.keepalive_header else (policy.max_requests or _NO_CAP)
+        self._gc_accepted = now
+        self._gc_age_deadline = now + policy.max_age if policy.max_age else math.inf
+        self._gc_user_agent = None
+        self._gc_closing = False
+        super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
+
+    # ---- the lingering close -------------------------------------------------------
+
+    def _gc_hand_off(self) -> None:
+        """The protocol closed its transport: the engine takes the socket over, and the
+        protocol does its connection-lost bookkeeping now (not when the socket closes)."""
+        if self._gc_done:
+            return
+        drain_engine(self.loop).hand_off(self._gc_transport, self.server_state.connections)
+        self.connection_lost(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._gc_done:
+            return
+        self._gc_done = True
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.timeout_keep_alive_task is None and not self._gc_done:
+            cycle = self.cycle
+            if cycle is not None and cycle.response_complete and self._gc_idle():
+                # uvicorn cancels the keep-alive timer on every read and re-arms it only when
+                # a response completes; after an early response whose unread body arrives
+                # later, nothing would re-arm it and the connection would stay open forever.
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def shutdown(self) -> None:
+        drain_engine(self.loop).begin_shutdown(_shutdown_grace(self.config))
+        if self._gc_done:
+            return
+        if (self.cycle is None or self.timeout_keep_alive_task is not None) and nothing_at_stake(
+                self._gc_transport):
+            # Idle (no request yet, or nothing received since the last response), nothing
+            # unread and nothing unacknowledged: close at once, as stock and nginx do;
+            # lingering protects bytes in flight and there are none.
+            self._gc_done = True
+            self._gc_transport.close()
+            super().connection_lost(None)
+            return
+        # Every unanswered request ends the connection and says so, the one in flight too.
+        for cycle in self._gc_unanswered():
+            if not cycle.response_complete:
+                _close_after_response(cycle)
+        super().shutdown()
+
+    # ---- keep-alive policy ---------------------------------------------------------
+
+    def _gc_on_request(self, cycle: Any) -> None:
+        """Once per new request cycle, before its task runs: the policy's per-request cost."""
+        n = self._gc_requests = self._gc_requests + 1
+        if n == 1:
+            self._gc_first_request()
+        if n < self._gc_cap and self.loop.time() < self._gc_age_deadline:
+            return
+        self._gc_decide(cycle, n)
+
+    def _gc_first_request(self) -> None:
+        """The User-Agent rule, once per connection."""
+        policy = _Process.policy
+        assert policy is not None
+        if policy.user_agents.active:
+            for name, value in self.headers:
+                if name == b"user-agent":
+                    always, on_post = policy.user_agents.verdict(value)
+                    if always or on_post:
+                        self._gc_user_agent = value
+                        self._gc_cap = 0  # decide every request of this client
+                    break
+
+    def _gc_decide(self, cycle: Any, n: int) -> None:
+        """The slow path: a cap, the age or the User-Agent may end the connection here."""
+        if self._gc_closing:  # pipelined behind the response that ends the connection
+            cycle.keep_alive = False
+            return
+        policy = _Process.policy
+        assert policy is not None
+        decision = policy.decide(n, self._gc_accepted, self.loop.time(), self._gc_user_agent,
+                                 self.scope["method"])
+        if not decision.keep_alive:
+            self._gc_closing = True
+            self._gc_cap = 0
+            self._gc_say_close(cycle)
+        elif _Process.keepalive_header:
+            add_header_unless_app_closes(
+                cycle, (b"keep-alive", _keep_alive_value(decision.keep_alive_header,
+                                                         self.timeout_keep_alive,
+                                                         decision.remaining_requests)))
+
+    # ---- what each protocol says ---------------------------------------------------
+
+    def _gc_say_close(self, cycle: Any) -> None:
+        """This request's response ends the connection and must say Connection: close."""
+        cycle.keep_alive = False
+        add_header_unless_app_closes(cycle, CLOSE)
+
+    def _gc_unanswered(self) -> Iterator[Any]:
+        """The request cycles whose responses a stop must end with Connection: close."""
+        if self.cycle is not None:
+            yield self.cycle
+
+    def _gc_idle(self) -> bool:
+        """After a complete response: nothing queued to serve next."""
+        return True
+
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        # From here on the connection belongs to the WebSocket protocol: give it the real
+        # transport so that it behaves exactly as in stock uvicorn.
+        self._gc_done = True
+        self.transport = self._gc_transport
+        super().handle_websocket_upgrade(*args)
+
+
+_keep_alive_values: dict[tuple[float, int | None], bytes] = {}
+
+
+def _keep_alive_value(make: Callable[[float], bytes], idle_timeout: float,
+                      remaining: int | None) -> bytes:
+    key = (idle_timeout, remaining)
+    value = _keep_alive_values.get(key)
+    if value is None:
+        if len(_keep_alive_values) > 100_000:
+            _keep_alive_values.clear()
+        value = _keep_alive_values[key] = make(idle_timeout)
+    return value
+
+
+def _close_after_response(cycle: Any) -> None:
+    """The server is stopping: this response ends the connection and says so. Its task
+    may run already (it holds cycle.send): only the default headers can still change."""
+    cycle.keep_alive = False
+    if not cycle.response_started:
+        headers = [h for h in cycle.default_headers if h[0] != b"keep-alive"]
+        cycle.default_headers = headers if CLOSE in headers else [*headers, CLOSE]
+
+
+def _shutdown_grace(config: Any) -> float:
+    """Lingering connections end by linger_time after shutdown begins, and before uvicorn's
+    own --timeout-graceful-shutdown if that is shorter."""
+    grace = current_settings().linger_time
+    graceful = getattr(config, "timeout_graceful_shutdown", None)
+    if graceful:
+        grace = min(grace, max(graceful - 0.5, 0.0))
+    return grace
