@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from graceful_close.diagnostics.launch import GUNICORN_WORKERS, UVICORN_PROTOCOLS, gunicorn_server, uvicorn_server
+from graceful_close.diagnostics.launch import (
+    GUNICORN_WORKERS,
+    UVICORN_PROTOCOLS,
+    gunicorn_server,
+    uvicorn_server,
+)
 from graceful_close.diagnostics.probe_clients import upload
 from graceful_close.diagnostics.scenarios import Target, never_closing, pipelined_after_close
 from tests.helpers import SAMPLE_WSGI, wait_until, worker_pids
