@@ -17,12 +17,9 @@ other drain engines. No thread: a lingering connection costs one greenlet.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import socket
-import struct
 import sys
-import termios
 import time
 from collections import OrderedDict
 from typing import Any
@@ -35,8 +32,8 @@ from gunicorn.workers import ggevent
 from .. import metrics
 from ..core.counters import PROCESS_COUNTERS, Counters
 from ..core.keepalive import KeepAlivePolicy
-from ..core.linger import Ending, LingerState
-from ..engines.sockets import close_for, half_close
+from ..core.linger import Ending, LingerState, bytes_at_stake
+from ..engines.sockets import close_for, half_close, unacked_bytes, unread_bytes
 from ..settings import Settings, SettingsError, current_settings
 
 __all__ = ["GeventDrainEngine", "GeventWorker"]
@@ -44,7 +41,6 @@ __all__ = ["GeventDrainEngine", "GeventWorker"]
 READ_SIZE = 65536
 # gunicorn's arbiter kills a worker at graceful_timeout: keep this much for the exit itself.
 STOP_MARGIN = 1.0
-_FIONREAD_BUF = struct.pack("i", 0)
 
 
 class GeventDrainEngine:
@@ -98,7 +94,12 @@ class GeventDrainEngine:
         self.counters.record_end(ending.reason, state.discarded, close_for(sock, ending))
 
     def stop(self, grace: float) -> None:
-        """Let what lingers run up to `grace` seconds, then end the rest (RST when all acked)."""
+        """The worker is stopping. What has nothing at stake (the client has read our FIN
+        and sent nothing unread) ends now, as stock closes it; the rest runs up to
+        `grace` seconds, then ends (RST only when all was acknowledged)."""
+        for sock, state in list(self._lingering.items()):
+            if not _at_stake(sock, fin_sent=True):
+                self._end(sock, state, state.on_shutdown())
         deadline = time.monotonic() + grace
         while self._lingering and time.monotonic() < deadline:
             gevent.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -106,11 +107,10 @@ class GeventDrainEngine:
             self._end(sock, state, state.on_shutdown())
 
 
-def _unread_bytes(sock: socket.socket) -> int:
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FIONREAD_BUF))[0])
-    except (OSError, ValueError):
-        return -1
+def _at_stake(sock: socket.socket, fin_sent: bool) -> bool:
+    """Could closing this socket now lose a byte (core.linger.bytes_at_stake)?"""
+    fd = sock.fileno()
+    return fd < 0 or bytes_at_stake(unread_bytes(fd), unacked_bytes(fd), fin_sent)
 
 
 class GeventWorker(ggevent.GeventWorker):
@@ -161,9 +161,9 @@ class GeventWorker(ggevent.GeventWorker):
         super().init_process()
 
     def _close_client(self, sock: socket.socket) -> None:
-        if not self.alive and _unread_bytes(sock) == 0:
-            # Stopping or restarting and the client sent nothing unread: nothing is at
-            # stake, so do not make the stop wait for it (a plain close still sends FIN).
+        if not self.alive and not _at_stake(sock, fin_sent=False):
+            # Stopping or restarting, and nothing is at stake: do not make the stop wait
+            # for this connection (a plain close still sends FIN).
             try:
                 sock.close()
             except OSError:
