@@ -9,6 +9,8 @@
     plain_close_cap_app:  the sample app with a 10-request cap done the stock way, by
                           answering Connection: close; uvicorn then closes plainly.
     legacy_closing_app:   the sample app behind KeepAliveMiddleware (legacy preset).
+    generator_headers_app: answers with its headers given as a generator (the ASGI spec
+                          allows any iterable); GET /?close=1 adds Connection: close.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import asyncio
 from typing import Any
 from urllib.parse import parse_qs
 
-from graceful_close.middleware import KeepAliveMiddleware
 from graceful_close.diagnostics.sample_apps import asgi_app
+from graceful_close.middleware import KeepAliveMiddleware
 
 PLAIN_CAP = 10
 
@@ -89,3 +91,20 @@ async def plain_close_cap_app(scope: dict[str, Any], receive: Any, send: Any) ->
 
 # The sample app behind KeepAliveMiddleware: legacy User-Agents get Connection: close.
 legacy_closing_app = KeepAliveMiddleware(asgi_app, user_agents=("legacy",))
+
+
+async def generator_headers_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        await asgi_app(scope, receive, send)
+        return
+    closing = b"close=1" in scope.get("query_string", b"")
+
+    def headers() -> Any:
+        yield (b"content-type", b"text/plain")
+        yield (b"content-length", b"2")
+        yield (b"x-from-generator", b"yes")
+        if closing:
+            yield (b"connection", b"close")
+
+    await send({"type": "http.response.start", "status": 200, "headers": headers()})
+    await send({"type": "http.response.body", "body": b"ok"})

@@ -163,7 +163,7 @@ def problems() -> list[str]:
     shutdown = _source(server_cls.shutdown)
     if not 0 <= shutdown.find("connection.shutdown()") < shutdown.find("await "):
         found.append("Server.shutdown no longer shuts connections down before it awaits")
-    return found
+    return found + protocol_problems()
 
 
 def check_worker() -> list[str]:

@@ -8,7 +8,7 @@ zttp is optional: pip install "graceful-close[zttp]". HTTP/2 is not lingered on:
 HTTP/2 requires zttp), so AutoZttpProtocol is the way to keep serving HTTP/2: it
 dispatches each connection like uvicorn's AutoZttpProtocol (ALPN over TLS, the h2c
 preface in cleartext), HTTP/2 to uvicorn's own ZttpH2Protocol, exactly as stock, and
-HTTP/1.1 to ours. It logs one line at its first connection saying so.
+HTTP/1.1 to ours. It logs one line (uvicorn's log) at its first connection saying so.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ except ImportError as exc:  # zttp is an optional extra
 
 from ._mixin import LingeringCloseMixin
 
-log = logging.getLogger("graceful_close")
+log = logging.getLogger("uvicorn.error")  # configured by uvicorn: the line shows in its log
 
 
 class ZttpProtocol(LingeringCloseMixin, zttp_impl.ZttpProtocol):
