@@ -21,6 +21,7 @@ import select
 import socket
 import sys
 import time
+import weakref
 from typing import Any
 
 from gunicorn.http import wsgi as gunicorn_wsgi
@@ -228,9 +229,13 @@ class _Connection(gthread.TConn):
     # Set by ThreadWorker.init_process (one worker per process).
     age_cap = math.inf
     first_check = 1
+    # Every open connection, wherever it is (a pool thread, the poller): a quick stop ends
+    # them all. Weak, so that a connection gunicorn drops without close() is not kept.
+    everyone: weakref.WeakSet[_Connection] = weakref.WeakSet()
 
     def __init__(self, cfg: Any, sock: socket.socket, client: Any, server: Any) -> None:
         super().__init__(cfg, sock, client, server)
+        self.everyone.add(self)
         self.accepted_at = time.monotonic()
         self.close_after = self.accepted_at + self.age_cap
         self.requests = 0
@@ -323,6 +328,17 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.terminating = True
         super().handle_exit(sig, frame)
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        # SIGINT/SIGQUIT end every connection at once. A pool thread blocked reading a
+        # request that never completes would otherwise hold the exit (the interpreter
+        # joins the pool's threads) until the arbiter's SIGKILL, graceful_timeout later.
+        for conn in list(_Connection.everyone):
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # handed off or closed already
+        super().handle_quit(sig, frame)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         # One turn of gthread's loop (also while stopping): events, then one clock read,
