@@ -318,17 +318,28 @@ class IdlePool:
 
 
 def _requests_served(port: int, seconds: float) -> int:
-    """Requests answered on new connections, one after another, in `seconds`."""
+    """Requests answered in `seconds`, one after another on a keep-alive connection that is
+    replaced whenever the server ends it (as a worker restart does)."""
     served = 0
     end = time.monotonic() + seconds
+    sock: socket.socket | None = None
     while time.monotonic() < end:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
-                sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
-                if ResponseReader(sock, time.monotonic() + 3).read_response().complete:
-                    served += 1
-        except (OSError, ConnectionEnded):  # the worker was stopping
-            time.sleep(0.05)
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=3)
+                reader = ResponseReader(sock, 0)
+            sock.sendall(request_bytes("GET", "/", "x"))
+            reader.deadline = time.monotonic() + 3
+            response = reader.read_response()
+            served += response.complete
+            if response.header("connection") == "close":
+                raise ConnectionEnded("FIN")
+        except (OSError, ConnectionEnded):  # the worker is stopping: a new connection
+            if sock is not None:
+                sock.close()
+            sock = None
+    if sock is not None:
+        sock.close()
     return served
 
 
