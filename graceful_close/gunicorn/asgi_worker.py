@@ -18,11 +18,8 @@ User-Agent rule) and when a cap is due.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import math
-import struct
 import sys
-import termios
 import types
 from typing import Any
 
@@ -32,7 +29,7 @@ from gunicorn.workers import gasgi
 
 from .. import metrics
 from ..core.keepalive import KeepAlivePolicy
-from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine
+from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine, nothing_at_stake
 from ..settings import Settings, SettingsError, current_settings
 
 __all__ = ["ASGIWorker"]
@@ -86,18 +83,6 @@ def check_compat() -> str | None:
 
 
 # ---- end of _compat -----------------------------------------------------------------
-
-
-_FIONREAD_BUF = struct.pack("i", 0)
-
-
-def _unread_bytes(transport: asyncio.BaseTransport) -> int:
-    """Bytes the client sent that nobody read yet (-1 when unknown)."""
-    sock = transport.get_extra_info("socket")
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FIONREAD_BUF))[0])
-    except (OSError, AttributeError, ValueError):
-        return -1
 
 
 class LingeringASGIProtocol(ASGIProtocol):
@@ -165,10 +150,9 @@ class LingeringASGIProtocol(ASGIProtocol):
         self._closed = True
         if transport.is_closing():
             return  # the peer is gone already; connection_lost() follows from the transport
-        if not self.worker.alive and _unread_bytes(transport) == 0:
-            # Stopping or restarting, and the client sent nothing unread: no bytes are at
-            # stake (nginx closes idle keep-alive connections at once on a stop too). A
-            # plain close still sends FIN after the queued response.
+        if not self.worker.alive and nothing_at_stake(transport):
+            # Stopping or restarting, and no byte is at stake: close at once, as nginx
+            # closes idle keep-alive connections on a stop (a plain close sends FIN).
             transport.close()
             return
         self.worker.drain_engine.hand_off(transport)
