@@ -85,9 +85,13 @@ def _server(app_dir: Path, name: str, kind: str, *args: str) -> ServerProcess:
 def _keep_alive_connection(port: int) -> socket.socket:
     """A connection that made one keep-alive request and got its whole response."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(request_bytes("GET", "/", "x"))
-    response = ResponseReader(sock, time.monotonic() + 5).read_response()
-    assert response.complete and response.header("connection") != "close", response
+    try:
+        sock.sendall(request_bytes("GET", "/", "x"))
+        response = ResponseReader(sock, time.monotonic() + 5).read_response()
+        assert response.complete and response.header("connection") != "close", response
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -309,7 +313,7 @@ class IdlePool:
             while len(self.socks) < self.size and not self.stop.is_set():
                 try:
                     self.socks.append(_keep_alive_connection(self.port))
-                except (OSError, AssertionError):
+                except (OSError, ConnectionEnded, AssertionError):  # a worker restarting
                     time.sleep(0.05)
             readable, _, _ = select.select(self.socks, [], [], 0.05)
             for sock in readable:  # the server ended it (idle connections get no data)
