@@ -145,3 +145,21 @@ def test_probe_over_tls_ours_passes_stock_fails_drain(tmp_path: Path) -> None:
     assert by_name(our_report)["close-pipeline"]["data"]["received"] == 2_000_000
     assert by_name(our_report)["drain"]["data"]["still_draining"] is True
     assert stock_status == 1 and by_name(stock_report)["drain"]["status"] == "fail"
+
+
+@pytest.mark.parametrize("option", ["big_path", "close_path", "upload_path"])
+def test_a_path_without_a_leading_slash_is_refused(option: str) -> None:
+    """One line naming the option, before any connection is made."""
+    from graceful_close.diagnostics.probe import ProbeConfig, ProbeError
+
+    with pytest.raises(ProbeError, match=f"--{option.replace('_', '-')}='big' must start with '/'"):
+        ProbeConfig(url="http://127.0.0.1:1/", **{option: "big"}).check()
+
+
+@pytest.mark.parametrize(("header", "seconds"), [("timeout=5, max=100", 5.0), ("max=3", None),
+                                                 ("timeout=2.5", 2.5), ("timeout=x", None)])
+def test_keep_alive_timeout_is_read_from_the_header(header: str, seconds: float | None) -> None:
+    from graceful_close.diagnostics.probe_clients import announced_idle_timeout
+    from graceful_close.diagnostics.wire import Response
+
+    assert announced_idle_timeout(Response(headers={"keep-alive": header})) == seconds

@@ -176,6 +176,9 @@ def pipelined_after_close(target: Target, close_path: str = "/big?close=1", foll
 
     The first request asks for Connection: close itself, which every server honours
     (gunicorn ignores an app's Connection header; the sample ASGI app adds one too).
+    Requests after our own Connection: close are what RFC 9112 section 9.6 forbids a
+    client: the tests use it to force every server to close; `graceful-close probe`
+    does not (probe_clients.close_pipeline lets the server decide).
     """
     first = request_bytes("GET", close_path, target.authority, {"Connection": "close"})
     rest = [request_bytes("GET", "/", target.authority)] * follow
