@@ -167,8 +167,8 @@ def problems() -> list[str]:
 
 
 def check_worker() -> list[str]:
-    """problems() plus the uvicorn-worker reaches of the UvicornWorker."""
-    found = problems()
+    """problems() and protocol_problems() plus the uvicorn-worker reaches of the UvicornWorker."""
+    found = problems() + protocol_problems()
     try:
         from uvicorn_worker import UvicornWorker
     except ImportError:

@@ -32,7 +32,7 @@ def protocols_loaded() -> None:
 
 
 def server_starting(server: uvicorn.server.Server) -> None:
-    found = _compat.problems()
+    found = _compat.problems() + _compat.protocol_problems()
     if found:
         _compat.exit_at_startup(_compat.refusal(found))
     try:
