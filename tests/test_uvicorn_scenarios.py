@@ -3,7 +3,8 @@
 Stock uvicorn closes with transport.close() while client data is unread: the
 kernel sends RST, and response bytes not yet delivered are lost (measured:
 128,000 of 2,000,000). Each test asserts that ours keeps every response whole
-and ends with FIN, and that stock fails the same scenario.
+and ends with FIN, and that stock fails the same scenario: the stock halves assert the
+same and are marked xfail(strict=False), so an upstream fix shows up as XPASS.
 """
 
 from __future__ import annotations
@@ -42,31 +43,32 @@ def target(fleet: Fleet, kind: str, http: str, loop: str = "asyncio",
     return fleet.target(kind, http, loop, args, OURS_ENV if kind == "ours" else None)
 
 
-def assert_graceful_only_for_ours(kind: str, result: ScenarioResult) -> None:
-    if kind == "ours":
-        assert result.intact and result.ending == "FIN", result.as_dict()
-    else:
-        assert not (result.intact and result.ending == "FIN"), result.as_dict()
+STOCK_FAILS = pytest.mark.xfail(strict=False, reason="stock uvicorn fails it; XPASS = fixed upstream")
 
 
-BOTH = [pytest.param(kind, http, id=f"{kind}-{http}")
+def assert_graceful(result: ScenarioResult) -> None:
+    assert result.intact and result.ending == "FIN", result.as_dict()
+
+
+def _marks(kind: str) -> tuple[pytest.MarkDecorator, ...]:
+    return (STOCK_FAILS,) if kind == "stock" else ()
+
+
+BOTH = [pytest.param(kind, http, id=f"{kind}-{http}", marks=_marks(kind))
         for http in ("httptools", "h11") for kind in ("stock", "ours")]
 
 
 @pytest.mark.parametrize("kind, http, loop", [
-    *[pytest.param(kind, http, "asyncio", id=f"{kind}-{http}-asyncio")
+    *[pytest.param(kind, http, "asyncio", id=f"{kind}-{http}-asyncio", marks=_marks(kind))
       for http in ("httptools", "h11") for kind in ("stock", "ours")],
-    *[pytest.param(kind, "httptools", "uvloop", id=f"{kind}-httptools-uvloop")
+    *[pytest.param(kind, "httptools", "uvloop", id=f"{kind}-httptools-uvloop", marks=_marks(kind))
       for kind in ("stock", "ours")],
 ])
 def test_pipelined_requests_behind_a_connection_close_response(fleet, kind, http, loop) -> None:
     """2 MB response with Connection: close, 5 requests pipelined behind it."""
     result = pipelined_after_close(target(fleet, kind, http, loop), f"/big?close=1&size={BIG}")
-    assert_graceful_only_for_ours(kind, result)
-    if kind == "ours":
-        assert result.body_bytes == BIG and len(result.responses) == 1
-    else:
-        assert result.body_bytes < BIG
+    assert_graceful(result)
+    assert result.body_bytes == BIG and len(result.responses) == 1
 
 
 def _close_path_requests(path: str, authority: str) -> tuple[list[bytes], int]:
@@ -96,12 +98,11 @@ def test_every_close_path_keeps_responses_whole(fleet, kind, http, path) -> None
     t = target(fleet, kind, http)
     requests, expected = _close_path_requests(path, t.authority)
     result = pipelined(t, requests, expected=expected, name=path)
-    assert_graceful_only_for_ours(kind, result)
-    if kind == "ours":
-        statuses = {"500-after-exception": [200, 500], "400-malformed": [400]}.get(path, [200])
-        assert [r.status for r in result.responses] == statuses
-        if path not in ("400-malformed",):
-            assert result.responses[0].received_length == result.responses[0].expected_length
+    assert_graceful(result)
+    statuses = {"500-after-exception": [200, 500], "400-malformed": [400]}.get(path, [200])
+    assert [r.status for r in result.responses] == statuses
+    if path not in ("400-malformed",):
+        assert result.responses[0].received_length == result.responses[0].expected_length
 
 
 @pytest.mark.parametrize("kind, http", BOTH)
@@ -113,13 +114,10 @@ def test_early_413_to_an_unread_upload_is_whole_and_the_connection_ends(fleet, k
     result = early_response_upload(target(fleet, kind, http), "/upload?size=1000000", timeout=5.0)
     assert result.responses and result.responses[0].status == 413, result.as_dict()
     assert result.responses[0].received_length == 1_000_000
-    if kind == "ours":
-        assert result.ending == "FIN", result.as_dict()
-    else:
-        assert result.ending == "TIMEOUT", result.as_dict()
+    assert result.ending == "FIN", result.as_dict()
 
 
-@pytest.mark.parametrize("kind", ["stock", "ours"])
+@pytest.mark.parametrize("kind", [pytest.param("stock", marks=STOCK_FAILS), "ours"])
 def test_503_from_limit_concurrency(fleet, kind) -> None:
     """--limit-concurrency 1 with one connection held open: the next one gets 503 with
     Connection: close while it is still pipelining (20,000 requests behind the first)."""
@@ -128,7 +126,7 @@ def test_503_from_limit_concurrency(fleet, kind) -> None:
         first = request_bytes("GET", "/", t.authority)
         result = pipelined(t, [first, first * 20000], expected=1)
     assert result.responses and result.responses[0].status == 503
-    assert_graceful_only_for_ours(kind, result)
+    assert_graceful(result)
 
 
 def test_counters_are_recorded_per_process(fleet) -> None:
@@ -149,4 +147,3 @@ def test_counters_are_recorded_per_process(fleet) -> None:
     assert wait_until(lambda: snapshot().get("ended_eof", 0) >= 1, timeout=5), snapshot()
     data = snapshot()
     assert data["lingering_started"] >= 1
-    assert data["bytes_discarded"] >= 0

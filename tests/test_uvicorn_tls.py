@@ -33,23 +33,28 @@ def servers(certs):
         server.stop()
 
 
+STOCK_FAILS = pytest.mark.xfail(strict=False, reason="stock uvicorn cuts it; XPASS = fixed upstream")
+
+
 @pytest.mark.parametrize("kind, http, loop", [
-    pytest.param("stock", "httptools", "asyncio", id="stock-httptools-asyncio"),
+    pytest.param("stock", "httptools", "asyncio", id="stock-httptools-asyncio", marks=STOCK_FAILS),
     pytest.param("ours", "httptools", "asyncio", id="ours-httptools-asyncio"),
+    pytest.param("ours", "httptools", "uvloop", id="ours-httptools-uvloop"),
     pytest.param("ours", "h11", "uvloop", id="ours-h11-uvloop"),
+    pytest.param("stock", "zttp", "uvloop", id="stock-zttp-uvloop", marks=STOCK_FAILS),
+    pytest.param("ours", "zttp", "uvloop", id="ours-zttp-uvloop"),
 ])
 def test_pipelined_requests_behind_a_connection_close_response_over_tls(servers, kind, http,
                                                                         loop) -> None:
+    if http == "zttp":
+        pytest.importorskip("zttp")
     result = pipelined_after_close(servers(kind, http, loop), f"/big?close=1&size={BIG}",
                                    follow=FOLLOW)
-    if kind == "ours":
-        assert result.intact and result.ending == "FIN", result.as_dict()
-        assert result.body_bytes == BIG
-    else:
-        assert not result.intact and result.body_bytes < BIG, result.as_dict()
+    assert result.intact and result.ending == "FIN", result.as_dict()
+    assert result.body_bytes == BIG
 
 
-@pytest.mark.parametrize("http, loop", [("httptools", "asyncio"), ("h11", "uvloop")])
+@pytest.mark.parametrize("http, loop", [("httptools", "asyncio"), ("h11", "uvloop"), ("zttp", "uvloop")])
 def test_never_closing_tls_client_is_released(servers, http, loop) -> None:
     """After the idle deadline ours sends close_notify, then RST once it is acknowledged."""
     result = never_closing(servers("ours", http, loop), hold=LINGER_TIME + 5)

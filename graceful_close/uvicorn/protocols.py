@@ -22,6 +22,7 @@ value stops it with one line) and read at the first connection.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,11 +31,6 @@ from uvicorn.protocols.http import h11_impl
 from ..settings import configure, current_settings
 from . import lifecycle
 from ._mixin import ClosingTransport, LingeringCloseMixin
-
-try:
-    from uvicorn.protocols.http import httptools_impl
-except ImportError:  # httptools is optional in uvicorn
-    httptools_impl = None  # type: ignore[assignment]  # the name must exist; None says "absent"
 
 
 class H11Protocol(LingeringCloseMixin, h11_impl.H11Protocol):
@@ -48,7 +44,9 @@ class H11Protocol(LingeringCloseMixin, h11_impl.H11Protocol):
             self._gc_on_request(self.cycle)
 
 
-if httptools_impl is not None:
+if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
+    from uvicorn.protocols.http import httptools_impl
+
     class HttpToolsProtocol(LingeringCloseMixin, httptools_impl.HttpToolsProtocol):
         """uvicorn's httptools protocol with the lingering close and the keep-alive policy."""
 

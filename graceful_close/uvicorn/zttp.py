@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 try:
     import zttp
@@ -51,10 +52,9 @@ class AutoZttpProtocol(auto_zttp_impl.AutoZttpProtocol):
             AutoZttpProtocol._announced = True
             log.info("graceful-close: lingering close on HTTP/1.1; HTTP/2 connections are "
                      "served by uvicorn's own protocol")
-        protocol_class: type[asyncio.Protocol] = ZttpH2Protocol if http2 else ZttpProtocol
-        protocol = protocol_class(  # type: ignore[call-arg]  # uvicorn's protocols take these
-            config=self.config, server_state=self.server_state, app_state=self.app_state,
-            _loop=self.loop)
+        protocol_class: Callable[..., asyncio.Protocol] = ZttpH2Protocol if http2 else ZttpProtocol
+        protocol = protocol_class(config=self.config, server_state=self.server_state,
+                                  app_state=self.app_state, _loop=self.loop)
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
         if initial_data:
