@@ -138,18 +138,25 @@ def test_sigterm_does_not_wait_for_idle_keepalive_connections(app_dir: Path, nam
 
 # ---- item 2: a quick stop is quick -----------------------------------------------------------
 
-def _quick_stop_with_trickling_request(app_dir: Path, name: str, kind: str, sig: int) -> float:
-    """One keep-alive connection whose next request arrives one byte a second, then `sig`."""
+def _quick_stop_with_trickling_client(app_dir: Path, name: str, kind: str, sig: int,
+                                      client: str) -> float:
+    """One connection trickling a byte a second, then `sig`. client "half-received": a
+    keep-alive connection whose next request never completes; "lingering": a client that
+    got a Connection: close response and goes on sending (ours lingers on it)."""
     # --graceful-timeout bounds stock UvicornWorker, which ignores gunicorn's SIGQUIT until
     # SIGKILL; uvicorn alone has no such bound (ours used to linger for linger_time, 30 s).
     args = ("--graceful-timeout", "10") if name == "uvicorn-worker" else ()
     server = _server(app_dir, name, kind, *args).start()
     sock = _keep_alive_connection(server.port)
-    sock.sendall(b"GET /")
+    if client == "half-received":
+        sock.sendall(b"GET /")
+    else:
+        sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
+        assert ResponseReader(sock, time.monotonic() + 5).read_response().complete
     stop = threading.Event()
     threading.Thread(target=trickle, args=([sock], stop, 1.0), daemon=True).start()
     try:
-        time.sleep(1.5)  # a byte or two of the request's path is in
+        time.sleep(1.5)  # a byte or two more are in
         return _time_to_exit(server, sig, 15)
     finally:
         stop.set()
@@ -157,21 +164,26 @@ def _quick_stop_with_trickling_request(app_dir: Path, name: str, kind: str, sig:
         sock.close()
 
 
-QUICK_STOPS = [pytest.param("uvicorn-httptools", signal.SIGINT, id="uvicorn-httptools-SIGINT"),
-               pytest.param("uvicorn-h11", signal.SIGINT, id="uvicorn-h11-SIGINT"),
-               pytest.param("uvicorn-worker", signal.SIGINT, id="uvicorn-worker-SIGINT"),
-               pytest.param("uvicorn-worker", signal.SIGQUIT, id="uvicorn-worker-SIGQUIT")]
+QUICK_STOPS = [
+    pytest.param("uvicorn-httptools", signal.SIGINT, "half-received", id="uvicorn-httptools-SIGINT"),
+    pytest.param("uvicorn-h11", signal.SIGINT, "half-received", id="uvicorn-h11-SIGINT"),
+    pytest.param("uvicorn-worker", signal.SIGINT, "half-received", id="uvicorn-worker-SIGINT"),
+    pytest.param("uvicorn-worker", signal.SIGQUIT, "half-received", id="uvicorn-worker-SIGQUIT"),
+    pytest.param("uvicorn-httptools", signal.SIGINT, "lingering", id="uvicorn-httptools-SIGINT-lingering"),
+    pytest.param("uvicorn-worker", signal.SIGINT, "lingering", id="uvicorn-worker-SIGINT-lingering"),
+]
 
 
-@pytest.mark.parametrize(("name", "sig"), QUICK_STOPS)
-def test_quick_stop_ends_a_trickling_request_at_once(app_dir: Path, name: str, sig: int) -> None:
+@pytest.mark.parametrize(("name", "sig", "client"), QUICK_STOPS)
+def test_quick_stop_ends_every_connection_at_once(app_dir: Path, name: str, sig: int,
+                                                  client: str) -> None:
     """SIGINT (uvicorn; gunicorn sends its workers SIGQUIT) and SIGQUIT (gunicorn) end every
     connection at once. Old main: 28.8 s for the UvicornWorker under the default
     --graceful-timeout, linger_time (30 s) for uvicorn alone; stock uvicorn 0.2 s, stock
     UvicornWorker --graceful-timeout (it ignores SIGQUIT until SIGKILL)."""
-    stock = _quick_stop_with_trickling_request(app_dir, name, "stock", sig)
-    ours = _quick_stop_with_trickling_request(app_dir, name, "ours", sig)
-    print(f"{name}: {signal.Signals(sig).name} with a trickling request: "
+    stock = _quick_stop_with_trickling_client(app_dir, name, "stock", sig, client)
+    ours = _quick_stop_with_trickling_client(app_dir, name, "ours", sig, client)
+    print(f"{name}: {signal.Signals(sig).name} with a {client} trickling client: "
           f"stock {stock:.2f} s, ours {ours:.2f} s")
     assert ours < 5.0, (stock, ours)
     assert ours <= stock + 2.0, (stock, ours)
