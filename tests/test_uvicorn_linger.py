@@ -128,10 +128,13 @@ def test_shutdown_with_lingering_connections_is_bounded(start_server, http, sig)
 
 @pytest.mark.parametrize("kind", [
     pytest.param("stock", marks=pytest.mark.xfail(strict=False, reason="stock resets it")), "ours"])
-def test_idle_keep_alive_connection_is_closed_through_the_lingering_close(fleet, kind) -> None:
+@pytest.mark.parametrize("http", ["h11", "httptools", "zttp"])
+def test_idle_keep_alive_connection_is_closed_through_the_lingering_close(fleet, kind, http) -> None:
     """--timeout-keep-alive ends an idle connection with FIN; ours then drains what the
     client still sends (a request that crossed the timeout), stock resets it."""
-    t = fleet.target(kind, "h11")
+    if http == "zttp":
+        pytest.importorskip("zttp")
+    t = fleet.target(kind, http)
     with t.connect(5) as sock:
         sock.sendall(request_bytes("GET", "/", t.authority))
         reader = ResponseReader(sock, time.monotonic() + 5)
