@@ -70,16 +70,18 @@ def _true() -> bool:
 class ClosingTransport:
     """What the protocol sees as its transport: close() hands the connection off.
 
-    write, writelines and is_closing are the real transport's bound methods, stored per
-    instance, so the per-request path costs no extra call; the rest forward. (Not an
-    asyncio.Transport subclass: its methods would shadow these instance attributes.)
+    write, writelines, is_closing and get_extra_info (uvicorn asks it four times per
+    connection) are the real transport's bound methods, stored per instance, so they cost
+    no extra call; the rest forward. (Not an asyncio.Transport subclass: its methods would
+    shadow these instance attributes.)
     """
 
-    __slots__ = ("_real", "_on_close", "write", "writelines", "is_closing")
+    __slots__ = ("_real", "_on_close", "write", "writelines", "is_closing", "get_extra_info")
 
     write: Callable[[bytes | bytearray | memoryview], None]
     writelines: Callable[[Iterable[bytes | bytearray | memoryview]], None]
     is_closing: Callable[[], bool]
+    get_extra_info: Callable[..., Any]
 
     def __init__(self, real: asyncio.Transport, on_close: Callable[[], None]) -> None:
         self._real = real
@@ -87,6 +89,7 @@ class ClosingTransport:
         self.write = real.write
         self.writelines = real.writelines
         self.is_closing = real.is_closing
+        self.get_extra_info = real.get_extra_info
 
     def close(self) -> None:
         on_close = self._on_close
@@ -99,9 +102,6 @@ class ClosingTransport:
     def abort(self) -> None:
         self.close()
         self._real.abort()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._real.get_extra_info(name, default)
 
     def pause_reading(self) -> None:
         self._real.pause_reading()
