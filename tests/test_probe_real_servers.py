@@ -200,7 +200,8 @@ def test_apache_without_a_body_limit_is_not_exercised() -> None:
     require(APACHE)
     with RealServer("apache") as server:
         url = f"http://127.0.0.1:{server.port}/index.html"
-        status, report, stderr = probe(url, "--only", "upload,drain", "--timeout", "2")
+        status, report, stderr = probe(url, "--only", "upload,drain", "--timeout", "2",
+                                       "--upload-size", "2M")
     found = verdicts(report)
     assert {v["status"] for v in found.values()} == {"not-exercised"}, (stderr, report)
     assert found["upload"]["data"]["status"] == 200

@@ -253,7 +253,8 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
         _read(reader, exchange, 1)
         answered = time.monotonic()
         if exchange.ending == "OPEN":  # answered: does it close, and how?
-            exchange.ending = _end_after_last(reader, hold)
+            early = exchange.first is not None and 400 <= exchange.first.status < 500
+            exchange.ending = _end_after_last(reader, hold if early else min(hold, END_WAIT))
         exchange.extra["open_for"] = round(time.monotonic() - answered, 3)
         if exchange.ending == "OPEN" and sent == size and exchange.complete:
             exchange.extra["next"] = _next_request(sock, reader, target, follow_path,
