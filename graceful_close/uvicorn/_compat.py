@@ -11,6 +11,7 @@ Tested with uvicorn 0.54 and uvicorn-worker 0.4.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import multiprocessing
 import signal
@@ -143,7 +144,10 @@ def _stop_supervisor(message: str) -> NoReturn:
 
 # ---- the check ---------------------------------------------------------------------------------
 
+@functools.cache
 def _source(obj: Any) -> str:
+    """Source of a function, once per process: a check costs ~0.1 s of tokenizing, and the
+    workers gunicorn forks (every --max-requests restart) inherit their master's answers."""
     try:
         return inspect.getsource(obj)
     except (OSError, TypeError):
