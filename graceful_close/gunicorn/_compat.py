@@ -23,6 +23,7 @@ import gunicorn
 import gunicorn.config
 import gunicorn.util
 from gunicorn.http import body as gunicorn_body
+from gunicorn.http import message as gunicorn_message
 from gunicorn.http import parser as gunicorn_parser
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import gthread, sync
@@ -74,6 +75,11 @@ ChunkedReader = gunicorn_body.ChunkedReader
 #    run_for_multiple when no connection is waiting; the sync drain engine's descriptor is
 #    added to wait_fds for that call.
 
+# 9. gunicorn.http.message.Request: req_number (this request's number on its connection,
+#    1 for the first), unreader (one per connection), must_close (forces "Connection:
+#    close"). Used by keepalive_header_for and by the hooks (gunicorn_hooks), which run on
+#    stock workers and check this reach in on_starting.
+
 # 8. gunicorn.config.Config.worker_class: swaps any worker class whose name ends in
 #    "SyncWorker" for stock gthread when --threads > 1, without importing ours. The guard
 #    (install_sync_worker_guard) can only act when this module is imported in the master
@@ -94,9 +100,18 @@ def _uses(func: Any, *names: str) -> bool:
     return code is not None and set(names) <= _names(code)
 
 
+def request_problems() -> list[str]:
+    """Reach 9, alone: what the hooks need of gunicorn's Request."""
+    source = inspect.getsource(gunicorn_message)  # Request and its base Message
+    if not isinstance(getattr(gunicorn_message, "Request", None), type):
+        return ["gunicorn.http.message.Request is gone"]
+    return [f"Request no longer keeps .{name}" for name in ("req_number", "unreader", "must_close")
+            if f"self.{name}" not in source]
+
+
 def problems() -> list[str]:
     """What no longer holds in the running gunicorn (empty when every reach works)."""
-    found: list[str] = []
+    found: list[str] = request_problems()
     if not callable(getattr(gunicorn.util, "close_graceful", None)):
         found.append("gunicorn.util.close_graceful is gone")
     for where, func in CLOSE_GRACEFUL_USERS:
@@ -138,9 +153,9 @@ def problems() -> list[str]:
     return found
 
 
-def check() -> str | None:
+def check(found: list[str] | None = None) -> str | None:
     """One line when the running gunicorn no longer routes closes to us, else None."""
-    found = problems()
+    found = problems() if found is None else found
     if not found:
         return None
     return (f"graceful-close: gunicorn {VERSION} is not supported: {'; '.join(found)} "

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..core.keepalive import KeepAlivePolicy
 from ..settings import SettingsError
-from . import current_settings
+from . import _compat, current_settings
 
 __all__ = ["on_starting", "pre_request"]
 
@@ -45,7 +45,11 @@ def _process_policy() -> KeepAlivePolicy:
 
 
 def on_starting(server: Any) -> None:
-    """Master, before any worker starts: a bad setting stops gunicorn with one line."""
+    """Master, before any worker starts: a gunicorn whose requests no longer carry what
+    the hooks use, or a bad setting, stops gunicorn with one line."""
+    problem = _compat.check(_compat.request_problems())
+    if problem is not None:
+        raise SystemExit(problem)
     try:
         current_settings()
     except SettingsError as exc:
