@@ -36,7 +36,7 @@ def server_starting(server: uvicorn.server.Server) -> None:
     if found:
         _compat.exit_at_startup(_compat.refusal(found))
     try:
-        current_settings()
+        current_settings()  # validates: here a bad value can still stop the start cleanly
     except SettingsError as exc:
         _compat.exit_at_startup(str(exc))
     metrics.maybe_start_for_worker()
