@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,9 +51,10 @@ if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
     class HttpToolsProtocol(LingeringCloseMixin, httptools_impl.HttpToolsProtocol):
         """uvicorn's httptools protocol with the lingering close and the keep-alive policy."""
 
-        # The cycles created while another was in flight (pipelining, rare): with
-        # self.pipeline, what a stop must answer with Connection: close. None when empty.
-        _gc_pipelined: list[Any] | None = None
+        # The unanswered cycles created while another was in flight (pipelining, rare):
+        # with self.pipeline, what a stop must answer with Connection: close. None when
+        # the last request was not pipelined.
+        _gc_pipelined: deque[Any] | None = None
 
         def on_headers_complete(self) -> None:
             before = self.cycle
@@ -60,10 +62,12 @@ if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
             cycle = self.cycle
             if cycle is not before:  # not a WebSocket upgrade
                 if before is not None and not before.response_complete:
-                    if self._gc_pipelined is None:
-                        self._gc_pipelined = [before, cycle]
-                    else:
-                        self._gc_pipelined.append(cycle)
+                    pipelined = self._gc_pipelined
+                    if pipelined is None:
+                        pipelined = self._gc_pipelined = deque([before])
+                    while pipelined and pipelined[0].response_complete:
+                        pipelined.popleft()  # answered: bounded however long it pipelines
+                    pipelined.append(cycle)
                 elif self._gc_pipelined is not None:
                     self._gc_pipelined = None
                 self._gc_on_request(cycle)
