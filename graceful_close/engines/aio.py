@@ -325,11 +325,19 @@ _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncioDrainEngin
     weakref.WeakKeyDictionary())
 
 
+_last: AsyncioDrainEngine | None = None  # a WeakKeyDictionary lookup makes a weakref per call
+
+
 def drain_engine(loop: asyncio.AbstractEventLoop) -> AsyncioDrainEngine:
     """The drain engine of this event loop, created on first use with current_settings()."""
+    global _last
+    engine = _last
+    if engine is not None and engine.loop is loop:
+        return engine
     engine = _engines.get(loop)
     if engine is None:
         engine = _engines[loop] = AsyncioDrainEngine(loop, current_settings())
+    _last = engine
     return engine
 
 
