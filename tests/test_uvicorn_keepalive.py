@@ -156,3 +156,20 @@ def test_sigterm_finishes_in_flight_requests_with_connection_close(start_server,
     assert idle_ending == "FIN"
     assert time.monotonic() - started < 1 + LINGER_TIME + 2
     assert count_state(server.port, "CLOSE-WAIT") == 0, tcp_states(server.port)
+
+
+@pytest.mark.parametrize("http", HTTPS)
+def test_keepalive_header_only_on_responses_that_keep_the_connection(fleet, http) -> None:
+    """With keepalive_header on: Keep-Alive on a kept connection, none when the client's
+    request ends it (Connection: close, HTTP/1.0), which then says Connection: close."""
+    t = capped(fleet, http, keepalive_header=True)
+    with t.connect(5) as sock:
+        headers = _get(sock, MODERN_UA)
+        assert headers.get("keep-alive", "").startswith("timeout="), headers
+        sock.sendall(request_bytes("GET", "/", t.authority, {"Connection": "close"}))
+        response = ResponseReader(sock, time.monotonic() + 5).read_response()
+        assert response.header("connection") == "close" and response.header("keep-alive") is None
+    with t.connect(5) as sock:
+        sock.sendall(f"GET / HTTP/1.0\r\nHost: {t.authority}\r\n\r\n".encode())
+        response = ResponseReader(sock, time.monotonic() + 5).read_response()
+        assert response.complete and response.header("keep-alive") is None, response.headers

@@ -279,11 +279,18 @@ class LingeringCloseMixin(_Base):
             self._gc_closing = True
             self._gc_cap = 0
             self._gc_say_close(cycle)
-        elif _Process.keepalive_header:
+        elif _Process.keepalive_header and not self._gc_client_closes():
             add_header_unless_app_closes(
                 cycle, (b"keep-alive", _keep_alive_value(decision.keep_alive_header,
                                                          self.timeout_keep_alive,
                                                          decision.remaining_requests)))
+
+    def _gc_client_closes(self) -> bool:
+        """The request ends the connection itself (HTTP/1.0 without keep-alive, or
+        Connection: close): uvicorn closes after the response, so no Keep-Alive header."""
+        if self.scope.get("http_version") == "1.0":
+            return True
+        return _says_close(self.headers)
 
     # ---- what each protocol says ---------------------------------------------------
 
