@@ -399,7 +399,8 @@ def judge_idle(ex: clients.Exchange, idle_max: float, path: str) -> Verdict:
                        f"the server answered GET {path} with an error status", data=data,
                        finding="error-status")
     if ex.ending == "ANNOUNCED" and announced is not None:
-        return Verdict("idle", NOT_EXERCISED, f"Keep-Alive: timeout={announced:g}",
+        return Verdict("idle", NOT_EXERCISED,
+                       f"{first.status}, Keep-Alive: timeout={announced:g}",
                        "not tried",
                        f"the server announces an idle timeout of {announced:g} s, above "
                        f"--idle-max {idle_max:g}: pass --idle-max {announced + 2:g} to test it "
@@ -411,16 +412,16 @@ def judge_idle(ex: clients.Exchange, idle_max: float, path: str) -> Verdict:
                f"open longer than {waited} s" if announced is not None else
                f"kept an idle connection open longer than --idle-max ({idle_max:g} s) and "
                f"sent no Keep-Alive: timeout=; {IDLE_HINT}")
-        return Verdict("idle", NOT_EXERCISED, f"idle > {waited} s", "kept open", why,
+        return Verdict("idle", NOT_EXERCISED, f"{first.status}, idle > {waited} s", "kept open", why,
                        data=data, finding="idle-above-max")
     if ex.ending != "FIN":
-        return Verdict("idle", WARN, f"idle {idle} s", _ending_text(ex.ending),
+        return Verdict("idle", WARN, f"{first.status}, idle {idle} s", _ending_text(ex.ending),
                        f"the server reset an idle keep-alive connection instead of closing "
                        f"it with FIN: {IDLE_MEANING}", data=data, finding="reset-at-idle")
     shown = "; ".join(f"{name}: {_ending_text(result) if result != 'answered' else result}"
                       for name, result in attempts.items())
-    idle_text = ("no keep-alive" if (idle or 0) <= 0.05
-                 else f"idle timeout {idle:.2f} s ({source})")
+    idle_text = f"{first.status}, " + ("no keep-alive" if (idle or 0) <= 0.05
+                                       else f"idle timeout {idle:.2f} s ({source})")
     outcome = ", ".join(sorted(set(attempts.values()))) or "-"
     if any("RST" in result for result in attempts.values()):
         return Verdict("idle", WARN, idle_text, "RST",
@@ -534,7 +535,8 @@ def judge_drain(ex: clients.Exchange, window: float, path: str) -> Verdict:
         else:
             how = (f"it closed {fin_after:.1f} s after its {response.status} (FIN) and still "
                    f"read our upload {drained:.1f} s later")
-        return Verdict("drain", PASS, f"drained >= {drained:.1f} s", "no RST (we closed first)",
+        return Verdict("drain", PASS, f"{response.status}, drained >= {drained:.1f} s",
+                       "no RST (we closed first)",
                        f"{request}: we kept sending the upload after its early "
                        f"{response.status}, {bursts} chunks {ex.extra.get('pause')} s apart; "
                        f"{how}", data=data, finding="lingered")
@@ -551,7 +553,8 @@ def judge_drain(ex: clients.Exchange, window: float, path: str) -> Verdict:
                f"upload ({bursts} chunks), then RST; expected >= {window:g} s (--drain-time). "
                "A client still sending loses the answer it has not read yet")
         finding = "short-linger"
-    return Verdict("drain", FAIL, f"drained {drained:.1f} s", _ending_text(ex.ending),
+    return Verdict("drain", FAIL, f"{response.status}, drained {drained:.1f} s",
+                   _ending_text(ex.ending),
                    f"{request}: {why}", data=data, finding=finding)
 
 
