@@ -8,11 +8,12 @@ a keep-alive timeout, an error) is closed with a plain close(). Requests pipelin
 behind a Connection: close response are then unread and the kernel answers them with
 RST, which cuts the response (a 2 MB response arrives as ~128 KB, then RST).
 
-Here that close hands the socket to a greenlet of the worker's own hub: shutdown(SHUT_WR)
+Here that close hands the socket to the worker hub's drain engine: shutdown(SHUT_WR)
 (FIN after the response), read and discard until the client's EOF or a deadline, then
 close; RST only on a deadline and only when the client acknowledged everything
 (engines.sockets.close_for). Decisions come from the sans-io core (LingerState), like the
-other drain engines. No thread: a lingering connection costs one greenlet.
+other drain engines. No thread and no greenlet per connection: a libev read watcher each,
+and one sweeper greenlet for the deadlines.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections import OrderedDict
 from typing import Any
 
 import gevent
-import gevent.socket
+import gevent.monkey
 import gunicorn.util
 from gunicorn.workers import ggevent
 
@@ -39,17 +40,41 @@ from ..settings import Settings, SettingsError, current_settings
 __all__ = ["GeventDrainEngine", "GeventWorker"]
 
 READ_SIZE = 65536
+READS_PER_WAKE = 4       # a client flooding us cannot hold the hub for longer than this
+SWEEP_INTERVAL = 0.1     # deadlines are coarse, like nginx's: at most 10 sweeps a second
+_READ = 1                # libev EV_READ
+# gevent's monkey patching replaces socket.socket; the engine wants the plain one.
+_PlainSocket: type[socket.socket] = gevent.monkey.get_original("socket", "socket")
 # gunicorn's arbiter kills a worker at graceful_timeout: keep this much for the exit itself.
 STOP_MARGIN = 1.0
 
 
+class LingeringConnection:
+    """One handed-off connection: its socket, its LingerState and its libev read watcher."""
+
+    __slots__ = ("sock", "state", "watcher")
+
+    def __init__(self, sock: socket.socket, state: LingerState, watcher: Any) -> None:
+        self.sock = sock
+        self.state = state
+        self.watcher = watcher
+
+
 class GeventDrainEngine:
-    """The lingering connections of one gevent hub, a greenlet each."""
+    """The lingering connections of one gevent hub.
+
+    No greenlet per connection: a libev read watcher per socket whose callback reads and
+    discards in the hub, and one sweeper greenlet that ends what passed its deadline.
+    The connections sit in an OrderedDict ordered by their last activity, so with one
+    shared linger_timeout the front has the earliest idle deadline (linger_time is checked
+    whenever a connection shows activity, the only way it can outlive its idle deadline).
+    """
 
     def __init__(self, settings: Settings, counters: Counters = PROCESS_COUNTERS) -> None:
         self.settings = settings
         self.counters = counters
-        self._lingering: OrderedDict[socket.socket, LingerState] = OrderedDict()  # oldest first
+        self._lingering: OrderedDict[LingeringConnection, None] = OrderedDict()
+        self._sweeper: gevent.Greenlet | None = None
 
     @property
     def lingering(self) -> int:
@@ -60,51 +85,77 @@ class GeventDrainEngine:
         if sock.fileno() < 0:
             return  # closed already (gunicorn closes after an error past the headers)
         while len(self._lingering) >= self.settings.max_lingering:
-            oldest, state = next(iter(self._lingering.items()))
-            self._end(oldest, state, state.on_evict())
+            oldest = next(iter(self._lingering))
+            self._end(oldest, oldest.state.on_evict())
         # gevent's server closes the client socket object as soon as the handler returns
-        # (StreamServer's do_close): the lingering close continues on a new object for the
-        # same descriptor, and the old one's close() becomes a no-op.
-        family, kind, proto = sock.family, sock.type, sock.proto
-        sock = gevent.socket.socket(family, kind, proto, fileno=sock.detach())
-        state = self._lingering[sock] = LingerState(self.settings, time.monotonic())
+        # (StreamServer's do_close): take the descriptor out of it (its close() becomes a
+        # no-op) into a plain non-blocking socket; the hub's loop watches it for us.
+        raw = _PlainSocket(sock.family, sock.type, sock.proto, sock.detach())
+        raw.setblocking(False)
+        state = LingerState(self.settings, time.monotonic())
+        conn = LingeringConnection(raw, state, gevent.get_hub().loop.io(raw.fileno(), _READ))
+        self._lingering[conn] = None
         self.counters.started()
-        gevent.spawn(self._linger, sock, state)
+        if not half_close(raw):
+            self._end(conn, state.on_error())
+            return
+        conn.watcher.start(self._readable, conn)
+        if self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep)
 
-    def _linger(self, sock: socket.socket, state: LingerState) -> None:
-        if state.ending is None and not half_close(sock):
-            self._end(sock, state, state.on_error())
-        while state.ending is None:  # the engine may end it meanwhile (eviction, stop)
-            sock.settimeout(max(0.0, state.deadline - time.monotonic()))
-            try:
-                data = sock.recv(READ_SIZE)
-            except TimeoutError:
-                ending = state.on_timer(time.monotonic())
-            except OSError:
-                ending = state.on_error()
-            else:
+    def _readable(self, conn: LingeringConnection) -> None:
+        """libev callback, in the hub: read and discard what is there (never blocks)."""
+        state = conn.state
+        ending = None
+        try:
+            for _ in range(READS_PER_WAKE):
+                data = conn.sock.recv(READ_SIZE)
                 ending = state.on_data(len(data), time.monotonic()) if data else state.on_eof()
-            self._end(sock, state, ending)
+                if ending is not None or len(data) < READ_SIZE:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
+            ending = state.on_error()
+        if ending is not None:
+            self._end(conn, ending)
+        elif conn in self._lingering:
+            self._lingering.move_to_end(conn)  # activity: its idle deadline moved back
 
-    def _end(self, sock: socket.socket, state: LingerState, ending: Ending | None) -> None:
+    def _sweep(self) -> None:
+        """One greenlet per engine: ends the connections whose deadline has passed."""
+        lingering = self._lingering
+        while lingering:
+            conn = next(iter(lingering))
+            now = time.monotonic()
+            if conn.state.deadline > now:
+                gevent.sleep(max(conn.state.deadline - now, SWEEP_INTERVAL))
+                continue
+            ending = conn.state.on_timer(now)
+            assert ending is not None  # its deadline passed
+            self._end(conn, ending)
+        self._sweeper = None
+
+    def _end(self, conn: LingeringConnection, ending: Ending | None) -> None:
         if ending is None:  # still lingering, or ended already
             return
-        del self._lingering[sock]
-        # Closing wakes the greenlet blocked in recv(), which then sees state.ending and returns.
-        self.counters.record_end(ending.reason, state.discarded, close_for(sock, ending))
+        self._lingering.pop(conn, None)
+        conn.watcher.stop()  # before the descriptor is closed
+        conn.watcher.close()
+        self.counters.record_end(ending.reason, conn.state.discarded, close_for(conn.sock, ending))
 
     def stop(self, grace: float) -> None:
         """The worker is stopping. What has nothing at stake (the client has read our FIN
         and sent nothing unread) ends now, as stock closes it; the rest runs up to
         `grace` seconds, then ends (RST only when all was acknowledged)."""
-        for sock, state in list(self._lingering.items()):
-            if not _at_stake(sock, fin_sent=True):
-                self._end(sock, state, state.on_shutdown())
+        for conn in list(self._lingering):
+            if not _at_stake(conn.sock, fin_sent=True):
+                self._end(conn, conn.state.on_shutdown())
         deadline = time.monotonic() + grace
         while self._lingering and time.monotonic() < deadline:
             gevent.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        for sock, state in list(self._lingering.items()):
-            self._end(sock, state, state.on_shutdown())
+        for conn in list(self._lingering):
+            self._end(conn, conn.state.on_shutdown())
 
 
 def _at_stake(sock: socket.socket, fin_sent: bool) -> bool:
@@ -114,7 +165,7 @@ def _at_stake(sock: socket.socket, fin_sent: bool) -> bool:
 
 
 class GeventWorker(ggevent.GeventWorker):
-    """gunicorn's gevent worker; every client close lingers on a greenlet, and the request
+    """gunicorn's gevent worker; every client close lingers in the hub, and the request
     cap, the connection age cap and the User-Agent rules decide keep-alive.
 
     Per keep-alive request that costs two comparisons: gunicorn numbers a connection's
