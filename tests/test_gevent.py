@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from graceful_close.diagnostics.launch import ServerProcess, gunicorn_server
 from graceful_close.diagnostics.processes import fd_count, wait_until, worker_pid
@@ -127,6 +129,36 @@ def test_request_cap_and_user_agent_rule(start_server, worker: str) -> None:
     legacy, ending = exchange_on_one_connection(server.port, [{"User-Agent": "Mozilla/2.02"}] * 2)
     assert len(legacy) == 1 and legacy[0].header("connection") == "close", legacy
     assert ending == "FIN"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> tuple[Path, ssl.SSLContext]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certdir = tmp_path_factory.mktemp("certs")
+    cert.private_key_pem.write_to_path(str(certdir / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(certdir / "cert.pem"))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return certdir, client
+
+
+@pytest.mark.parametrize("worker", [pytest.param(STOCK, marks=STOCK_CUTS, id="stock"),
+                                    pytest.param(OURS, id="ours")])
+def test_tls_connection_close_response_with_pipelined_requests(start_server, certs,
+                                                               worker: str) -> None:
+    """Over TLS too (gevent's SSL socket reads ahead little): stock cuts the response, then RST."""
+    certdir, client = certs
+    plain = gunicorn_server(APP, worker, args=["--pythonpath", str(REPO), "--keep-alive", "2",
+                                               "--certfile", str(certdir / "cert.pem"),
+                                               "--keyfile", str(certdir / "key.pem")],
+                            env=SHORT_LINGER)
+    server = start_server(ServerProcess(plain.argv, plain.env, tls=client))
+    result = pipelined_after_close(Target("127.0.0.1", server.port, tls=client),
+                                   f"/big?close=1&size={BIG}", follow=2000, timeout=20)
+    assert result.intact and result.responses[0].received_length == BIG, (result.body_bytes,
+                                                                         result.ending)
+    assert result.ending == "FIN", result.ending
 
 
 # ---- stop ----------------------------------------------------------------------------------
