@@ -19,6 +19,8 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -61,6 +63,31 @@ def gevent_server(worker: str, env: dict[str, str] | None = None) -> ServerProce
 
 def target(server: ServerProcess) -> Target:
     return Target("127.0.0.1", server.port)
+
+
+REFUSAL = """
+import sys
+from gunicorn.workers import base_async
+def handle(self, listener, client, addr):  # a gunicorn that no longer ends with util.close
+    client.shutdown(2)
+base_async.AsyncWorker.handle = handle
+sys.argv = ["gunicorn", "-b", "127.0.0.1:0", "-k", "graceful_close.gunicorn.GeventWorker",
+            "graceful_close.diagnostics.sample_apps:wsgi_app"]
+from gunicorn.app.wsgiapp import run
+run()
+"""
+
+
+def test_compat_check_and_one_line_refusal_when_gunicorn_no_longer_routes_to_us() -> None:
+    from graceful_close.gunicorn.gevent_worker import check_compat
+
+    assert check_compat() is None
+    done = subprocess.run([sys.executable, "-c", REFUSAL], capture_output=True, text=True,
+                          timeout=60)
+    ours = [line for line in (done.stdout + done.stderr).splitlines() if "graceful-close" in line]
+    assert done.returncode != 0
+    assert len(ours) == 1 and "gunicorn 27" in ours[0] and "util.close" in ours[0], ours
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("worker", [pytest.param(STOCK, marks=STOCK_CUTS, id="stock"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,6 +57,28 @@ def target(server: ServerProcess) -> Target:
 
 def test_compat_check_accepts_the_installed_gunicorn() -> None:
     assert check_compat() is None
+
+
+REFUSAL = """
+import sys
+import gunicorn.workers.gasgi as gasgi
+async def _serve(self):  # a gunicorn whose _serve no longer builds gasgi.ASGIProtocol
+    return None
+gasgi.ASGIWorker._serve = _serve
+sys.argv = ["gunicorn", "-b", "127.0.0.1:0", "-k", "graceful_close.gunicorn.ASGIWorker",
+            "graceful_close.diagnostics.sample_apps:asgi_app"]
+from gunicorn.app.wsgiapp import run
+run()
+"""
+
+
+def test_refuses_to_start_with_one_line_when_gasgi_no_longer_routes_to_us() -> None:
+    done = subprocess.run([sys.executable, "-c", REFUSAL], capture_output=True, text=True,
+                          timeout=60)
+    ours = [line for line in (done.stdout + done.stderr).splitlines() if "graceful-close" in line]
+    assert done.returncode != 0
+    assert len(ours) == 1 and "gunicorn 27" in ours[0] and "ASGIProtocol" in ours[0], ours
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("worker", SERVERS)

@@ -28,6 +28,7 @@ from typing import Any
 import gevent
 import gevent.monkey
 import gunicorn.util
+from gunicorn.http import message
 from gunicorn.workers import ggevent
 
 from .. import metrics
@@ -47,6 +48,29 @@ _READ = 1                # libev EV_READ
 _PlainSocket: type[socket.socket] = gevent.monkey.get_original("socket", "socket")
 # gunicorn's arbiter kills a worker at graceful_timeout: keep this much for the exit itself.
 STOP_MARGIN = 1.0
+
+
+# ---- _compat: every reach into gunicorn's gevent worker internals (gunicorn 27) ----------
+# Kept here, apart from graceful_close/gunicorn/_compat.py, and checked by check_compat() in
+# the master at start-up. What it depends on:
+#   1. AsyncWorker.handle() ends every connection with util.close(client), looked up on the
+#      gunicorn.util module at call time (GeventWorker rebinds it in its worker process).
+#   2. gevent's StreamServer closes the client socket object once the handler returns, so the
+#      engine takes the descriptor out of it (socket.detach()).
+#   3. gunicorn's Request numbers the requests of a connection (req_number) and keeps the
+#      connection's unreader (req.unreader), where the policy keeps per-connection limits.
+def check_compat() -> str | None:
+    """None when gunicorn still routes what GeventWorker needs; else what changed, in one line."""
+    version = f"gunicorn {gunicorn.__version__}"
+    handle = getattr(getattr(ggevent.AsyncWorker, "handle", None), "__code__", None)
+    if not callable(getattr(gunicorn.util, "close", None)) or handle is None or (
+            "close" not in handle.co_names):
+        return f"{version}: AsyncWorker.handle no longer ends connections with util.close"
+    init = getattr(message.Request.__init__, "__code__", None)
+    if init is None or not {"req_number", "unreader"} <= set(init.co_names) | set(init.co_varnames):
+        return f"{version}: http.message.Request no longer has req_number and unreader"
+    return None
+# ---- end of _compat -----------------------------------------------------------------
 
 
 class LingeringConnection:
@@ -184,17 +208,14 @@ class GeventWorker(ggevent.GeventWorker):
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         """Runs in the master at start-up: refuse to start, in one line, when we route nothing."""
-        # gunicorn 27's AsyncWorker.handle() ends every connection with util.close(client),
-        # looked up on the module at call time: rebinding it routes them to us.
-        if not callable(getattr(gunicorn.util, "close", None)) or "close" not in (
-                ggevent.AsyncWorker.handle.__code__.co_names):
-            print(f"graceful-close: GeventWorker cannot run on gunicorn {gunicorn.__version__}: "
-                  "AsyncWorker.handle no longer closes with util.close", flush=True)
+        problem = check_compat()
+        if problem is not None:
+            print(f"graceful-close: GeventWorker cannot run on {problem}", file=sys.stderr, flush=True)
             raise SystemExit(1)
         try:
             log.info(current_settings().describe())
         except SettingsError as exc:
-            print(exc, flush=True)
+            print(exc, file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     def init_process(self) -> None:
