@@ -179,7 +179,7 @@ def test_fds_and_close_wait_return_to_baseline(our_server) -> None:
     fd is leaked and no server socket is left in CLOSE_WAIT."""
     port = our_server.port
     worker = worker_pids(our_server.pid)[0]
-    for style in range(4):  # warm up: lingerer thread, selector and pipe exist now
+    for style in range(4):  # warm up: the drain engine and its epoll exist now
         _one_connection(port, style)
     assert wait_until(lambda: count_state(port, "ESTAB") == 0, 5)
     baseline = fd_count(worker)

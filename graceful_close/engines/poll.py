@@ -14,6 +14,7 @@ graceful_close.core.linger.
 
 from __future__ import annotations
 
+import _socket
 import functools
 import logging
 import math
@@ -24,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..core.counters import PROCESS_COUNTERS, Counters
 from ..core.linger import Ending, LingerState, bytes_at_stake
@@ -45,7 +46,7 @@ class LingeringConnection:
 
     __slots__ = ("sock", "fd", "state")
 
-    def __init__(self, sock: socket.socket, state: LingerState) -> None:
+    def __init__(self, sock: _socket.socket, state: LingerState) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.state = state
@@ -112,21 +113,25 @@ class PollDrainEngine:
 
     # ---- entry point ---------------------------------------------------------------
 
-    def hand_off(self, sock: socket.socket) -> None:
+    def hand_off(self, sock: _socket.socket) -> None:
         """Take the connection over: half-close now, drain and close later; never blocks.
 
         The socket object is detached: the server's later close() or reuse of it is
         harmless, and a second hand_off of the same object does nothing.
         """
-        family, kind, proto = sock.family, sock.type, sock.proto
+        # The C socket's own attributes are plain ints: socket.socket's properties convert
+        # them to enums, which costs more than the rest of the hand-off.
+        raw = cast(_socket.socket, super(socket.socket, sock)) if isinstance(sock, socket.socket) else sock
+        family, kind, proto = raw.family, raw.type, raw.proto
         try:
             fd = sock.detach()
         except OSError:
             return
         if fd < 0:
             return
-        # Naming family/type/proto spares the three getsockopt() probes of fileno= alone.
-        owned = socket.socket(family, kind, proto, fileno=fd)
+        # The engine keeps the C socket (no Python wrapper to build); naming family, type
+        # and protocol spares the three getsockopt() probes of fileno= alone.
+        owned = _socket.socket(family, kind, proto, fd)
         owned.setblocking(False)
         if self.stopping and not bytes_at_stake(unread_bytes(fd), unacked_bytes(fd), fin_sent=False):
             # A stopping server closes an idle connection at once, as nginx does: its
@@ -243,7 +248,7 @@ class PollDrainEngine:
                 entry = self._by_start[fd]
                 self._finish(entry, entry.state.on_error(), registered=False)
 
-    def _adopt(self, sock: socket.socket, shut: bool) -> None:
+    def _adopt(self, sock: _socket.socket, shut: bool) -> None:
         self.counters.started()
         entry = LingeringConnection(sock, LingerState(self.settings, self._clock()))
         if not shut:

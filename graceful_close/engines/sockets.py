@@ -6,6 +6,7 @@ Decisions are not made here: the RST rule and "bytes at stake" live in core/ling
 
 from __future__ import annotations
 
+import _socket
 import fcntl
 import socket
 import struct
@@ -53,7 +54,7 @@ def can_abort_safely(fd: int, fin_sent: bool) -> bool:
     return nothing_unacked(unacked_bytes(fd), fin_sent)
 
 
-def close_for(sock: socket.socket, ending: Ending) -> bool:
+def close_for(sock: _socket.socket, ending: Ending) -> bool:
     """Close a half-closed socket after its lingering close ends; True when it sent RST.
 
     RST on a timeout frees the socket at once instead of leaving an orphan in
@@ -74,7 +75,7 @@ def close_for(sock: socket.socket, ending: Ending) -> bool:
     return aborted
 
 
-def half_close(sock: socket.socket) -> bool:
+def half_close(sock: _socket.socket) -> bool:
     """shutdown(SHUT_WR): the kernel sends FIN after the queued response bytes.
 
     False when the socket is no longer connected (the peer reset it already).

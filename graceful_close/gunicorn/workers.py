@@ -143,23 +143,14 @@ class _GracefulWorker(base.Worker):
         return self.graceful_settings.linger_timeout
 
 
-class _DescriptorShortage:
-    """Around accept(): EMFILE and its kin are noted (with a warning), not raised."""
-
-    def __init__(self, log: Any) -> None:
-        self.log = log
-        self.until = 0.0  # when accepting may resume; 0 while nothing went wrong
-
-    def __enter__(self) -> _DescriptorShortage:
-        return self
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        if not isinstance(exc, OSError) or exc.errno not in _OUT_OF_DESCRIPTORS:
-            return False
-        self.log.warning("graceful-close: accept() failed (%s); pausing accepts for %gs",
-                         exc.strerror, ACCEPT_PAUSE)
-        self.until = time.monotonic() + ACCEPT_PAUSE
-        return True
+def _out_of_descriptors(exc: OSError, log: Any) -> bool:
+    """accept() failed for lack of descriptors (lingering sockets hold some): warn, and
+    let the worker pause accepting instead of letting the error end the worker loop."""
+    if exc.errno not in _OUT_OF_DESCRIPTORS:
+        return False
+    log.warning("graceful-close: accept() failed (%s); pausing accepts for %gs",
+                exc.strerror, ACCEPT_PAUSE)
+    return True
 
 
 class SyncWorker(_GracefulWorker, sync.SyncWorker):
@@ -191,13 +182,15 @@ class SyncWorker(_GracefulWorker, sync.SyncWorker):
         drain = self.drain
         if drain.lingering:
             drain.poll(0)
-        shortage = _DescriptorShortage(self.log)
-        with shortage:
+        try:
             super().accept(listener)
-        if shortage.until:
+        except OSError as exc:
+            if not _out_of_descriptors(exc, self.log):
+                raise
             # The connection waits in the kernel's backlog. Meanwhile serve the lingering
             # sockets: they are what holds the descriptors.
-            while (left := shortage.until - time.monotonic()) > 0:
+            until = time.monotonic() + ACCEPT_PAUSE
+            while (left := until - time.monotonic()) > 0:
                 if drain.lingering:
                     drain.poll(left)
                 else:
@@ -209,12 +202,21 @@ class SyncWorker(_GracefulWorker, sync.SyncWorker):
             return super().wait(timeout)
         own = self.wait_fds
         self.wait_fds = self._wait_fds_with_drain
+        until = time.monotonic() + timeout
         try:
-            ready = super().wait(drain.timeout(timeout, time.monotonic()))
+            while True:
+                now = time.monotonic()
+                ready = super().wait(drain.timeout(max(0.0, until - now), now))
+                drain.poll(0)
+                if not ready:  # a deadline or the worker's timeout: back to the loop
+                    return ready
+                listeners = [fd for fd in ready if fd != self._drain_fd]
+                # Woken by lingering sockets alone: serve them and wait on, without a turn
+                # of the worker loop (a failing accept and a parent check) for each one.
+                if listeners or not drain.lingering or not self.alive or now >= until:
+                    return listeners
         finally:
             self.wait_fds = own
-        drain.poll(0)
-        return [fd for fd in ready if fd != self._drain_fd] if ready else ready
 
 
 class _Connection(gthread.TConn):
@@ -354,14 +356,15 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
             drain.begin_stop()
 
     def accept(self, listener: socket.socket) -> None:
-        shortage = _DescriptorShortage(self.log)
-        with shortage:
+        try:
             super().accept(listener)
-        if shortage.until:
+        except OSError as exc:
+            if not _out_of_descriptors(exc, self.log):
+                raise
             # Stock gthread re-raises EMFILE and the worker dies. Unregister the listeners
             # for a moment instead: sleeping here would stall the poller and every
             # connection on it.
-            self._accept_paused_until = shortage.until
+            self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
             self.set_accept_enabled(False)
 
     def set_accept_enabled(self, enabled: bool) -> None:
