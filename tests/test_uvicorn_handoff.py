@@ -24,9 +24,27 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def _readme_protocol() -> type[asyncio.Protocol]:
+    """The README's "any asyncio protocol that closes through its transport" recipe."""
+    from uvicorn.protocols.http import h11_impl
+
+    from graceful_close.uvicorn import LingeringCloseMixin
+
+    class MyH11Protocol(LingeringCloseMixin, h11_impl.H11Protocol):
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before and not self._gc_done:
+                self._gc_on_request(self.cycle)  # the keep-alive policy: one increment per request
+
+    return MyH11Protocol
+
+
 def _protocol_class(http: str) -> type[asyncio.Protocol]:
     if http == "zttp":
         pytest.importorskip("zttp")
+    if http == "readme-recipe":
+        return _readme_protocol()
     import graceful_close.uvicorn as ours
 
     return {"h11": ours.H11Protocol, "httptools": ours.HttpToolsProtocol,
@@ -34,7 +52,7 @@ def _protocol_class(http: str) -> type[asyncio.Protocol]:
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-@pytest.mark.parametrize("http", ["h11", "httptools", "zttp"])
+@pytest.mark.parametrize("http", ["h11", "httptools", "zttp", "readme-recipe"])
 def test_protocol_is_freed_while_the_socket_lingers(http: str, loop_kind: str) -> None:
     protocol_class = _protocol_class(http)
     config = uvicorn.Config(app, lifespan="off", log_level="warning")
