@@ -120,6 +120,8 @@ class LingeringASGIProtocol(ASGIProtocol):
         count = self.req_count
         if self._gc_decided == count:
             return self._gc_close
+        if request.should_close():
+            return False  # closing anyway: nothing to decide, nothing to count
         worker = self.worker
         policy = worker.keepalive_policy
         user_agent = None
@@ -165,8 +167,9 @@ class LingeringASGIProtocol(ASGIProtocol):
 class ASGIWorker(gasgi.ASGIWorker):
     """gunicorn's asgi worker whose every close lingers, with the keep-alive policy.
 
-    SIGTERM: gasgi's graceful stop, then what still lingers gets the rest of
-    graceful_timeout (at most linger_time); connections idle at the stop close at once.
+    SIGTERM: gasgi's graceful stop (it waits for open connections as stock does), then
+    what still lingers gets the rest of graceful_timeout (at most linger_time); a connection
+    with nothing at stake (aio.nothing_at_stake) is closed at once instead of lingering.
     SIGINT/SIGQUIT: lingering connections end at once.
     """
 
