@@ -204,3 +204,29 @@ def test_uvloop_transport_is_handed_off_too() -> None:
     uvloop.run(main())
     assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 1
     assert counters.ended_eof == 1
+
+
+def test_shutdown_closes_at_once_and_plainly_what_has_nothing_at_stake() -> None:
+    """A client holding a finished connection (everything acked, nothing unread) does not
+    delay a stop: it is closed at once with a plain close (no RST: it may not have read the
+    response yet); one still sending lingers until the shutdown deadline."""
+    async def client(port: int, engine: AsyncioDrainEngine) -> None:
+        quiet_reader, quiet = await _request(port)
+        busy_reader, busy = await _request(port)
+        for reader in (quiet_reader, busy_reader):
+            assert await reader.read(65536) == RESPONSE
+        await asyncio.sleep(0.2)  # everything acked, our FIN included
+        busy.write(b"x" * 100)  # unread by the time the stop begins? keep it busy
+        engine.begin_shutdown(1.0)
+        engine.begin_shutdown(1.0)  # uvicorn calls it once per connection: idempotent
+        await asyncio.sleep(0.1)
+        assert engine.lingering == 1  # the busy one
+        sock = quiet.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # no RST
+        await asyncio.sleep(1.2)
+        assert engine.lingering == 0
+        quiet.close()
+        busy.close()
+
+    counters = run(short(linger_timeout=5.0, linger_time=10.0), client)
+    assert counters.ended_shutdown == 2

@@ -248,14 +248,17 @@ class AsyncioDrainEngine:
         `grace` is capped at linger_time; a later call can only bring the end closer.
         """
         grace = max(0.0, min(grace, self.settings.linger_time))
-        # What has nothing at stake (the client has all we sent, our FIN included, and
-        # sent nothing unread) ends now: a stop does not wait for it, as stock has
-        # closed it already (issue 12 item 1).
-        for conn in list(self._lingering):
-            if nothing_at_stake(conn.transport):
-                ending = conn.state.on_shutdown()
-                assert ending is not None
-                self._finish(conn, ending)
+        if self._shutdown_at is None:
+            # Once per stop (uvicorn calls this for every open connection): what has
+            # nothing at stake (the client has all we sent, our FIN included, and sent
+            # nothing unread) ends now with a plain close, never RST (the client may not
+            # have read it all yet): a stop does not wait for it, as stock has closed it
+            # already (issue 12 item 1).
+            for conn in list(self._lingering):
+                if nothing_at_stake(conn.transport):
+                    ending = conn.state.on_quiet_shutdown()
+                    assert ending is not None
+                    self._finish(conn, ending)
         at = self.loop.time() + grace
         if self._shutdown_at is not None and self._shutdown_at <= at:
             return
