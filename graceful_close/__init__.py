@@ -6,7 +6,7 @@ package half-closes instead, drains what the client still sends, and closes
 once the client has read everything (or a deadline passes).
 """
 
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, configure, current_settings
 
 __version__ = "0.1.0"
-__all__ = ["Settings", "SettingsError", "__version__"]
+__all__ = ["Settings", "SettingsError", "__version__", "configure", "current_settings"]
