@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graceful_close.core import Counters, EndReason, Ending, LingerState
+from graceful_close.core import Counters, Ending, EndReason, LingerState
 from graceful_close.settings import Settings
 
 MAY_ABORT = {EndReason.IDLE_TIMEOUT, EndReason.TOTAL_TIMEOUT, EndReason.BYTE_CAP,
@@ -79,7 +79,7 @@ def test_no_event_order_breaks_the_invariants(cfg: Settings, events: list) -> No
         now += advance
         if kind == "open" or not conns:
             conns.append(Conn(LingerState(cfg, now)))
-            counters.lingering_started += 1
+            counters.started()
             continue
         conn = conns[index % len(conns)]
         state = conn.state
@@ -91,15 +91,13 @@ def test_no_event_order_breaks_the_invariants(cfg: Settings, events: list) -> No
             assert state.on_timer(now) is None, "ended before its deadline"
             _check_open(conn, cfg, total_before)
             continue
-        ending = {
-            "data": lambda: state.on_data(nbytes, now),
-            "eof": state.on_eof,
-            "error": state.on_error,
-            "timer": lambda: state.on_timer(now),
-            "at_deadline": lambda: state.on_timer(now),
-            "evict": state.on_evict,
-            "shutdown": state.on_shutdown,
-        }[kind]()
+        if kind == "data":
+            ending = state.on_data(nbytes, now)
+        elif kind in ("timer", "at_deadline"):
+            ending = state.on_timer(now)
+        else:
+            ending = {"eof": state.on_eof, "error": state.on_error, "evict": state.on_evict,
+                      "shutdown": state.on_shutdown}[kind]()
         if conn.ended is not None:
             assert ending is None, "an ended state ended again"
             assert state.ending is conn.ended
