@@ -66,7 +66,7 @@ class KeepAliveMiddleware:
                 or not self.rules.disables(_user_agent(scope), scope.get("method", "GET"))):
             await self.app(scope, receive, send)
             return
-        self.counters.user_agent_disables += 1
+        self.counters.count("user_agent_disables")
 
         async def send_closing(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -50,7 +50,7 @@ COLUMNS = (  # (scenario key, column title)
     ("upload", "early 413\n(1 MB) to an\n8 MB upload"),
     ("pipeline", "200 pipelined\n(ours: cap\n100)"),
     ("idle", "request at\nidle timeout\n(1 s)"),
-    ("drain", f"drain after\nFIN (bursts\nfor {DRAIN_WINDOW:g} s)"),
+    ("drain", f"upload goes\non after 413\n(for {DRAIN_WINDOW:g} s)"),
     ("stall", f"worst stall\n({NEVER_CLOSING} never-\nclosing)"),
 )
 
