@@ -79,9 +79,9 @@ run()
 
 
 def test_compat_check_and_one_line_refusal_when_gunicorn_no_longer_routes_to_us() -> None:
-    from graceful_close.gunicorn.gevent_worker import check_compat
+    from graceful_close.gunicorn._compat import check_gevent_worker
 
-    assert check_compat() is None
+    assert check_gevent_worker() is None
     done = subprocess.run([sys.executable, "-c", REFUSAL], capture_output=True, text=True,
                           timeout=60)
     ours = [line for line in (done.stdout + done.stderr).splitlines() if "graceful-close" in line]

@@ -29,7 +29,7 @@ from graceful_close.diagnostics.scenarios import (
     pipelined_after_close,
 )
 from graceful_close.diagnostics.wire import ResponseReader, request_bytes
-from graceful_close.gunicorn.asgi_worker import check_compat
+from graceful_close.gunicorn._compat import check_asgi_worker
 from tests.helpers import SAMPLE_ASGI, exchange_on_one_connection
 
 OURS = "graceful_close.gunicorn.ASGIWorker"
@@ -56,7 +56,7 @@ def target(server: ServerProcess) -> Target:
 
 
 def test_compat_check_accepts_the_installed_gunicorn() -> None:
-    assert check_compat() is None
+    assert check_asgi_worker() is None
 
 
 REFUSAL = """

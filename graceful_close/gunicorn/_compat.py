@@ -1,12 +1,14 @@
-"""Every reach into gunicorn's internals by the sync and gthread workers, in one place.
+"""Every reach into gunicorn's internals by our gunicorn workers, in one place.
 
-Each reach says what it depends on. check() verifies at start-up (the master's
-check_config) that the running gunicorn still routes its closes and responses
-through the places we rebind; if not, the server refuses to start with one line
-naming gunicorn's version and what changed. Stock closes are never served silently.
+Each reach says what it depends on. check() (sync and gthread), check_asgi_worker()
+and check_gevent_worker() verify at start-up (the master's check_config) that the
+running gunicorn still routes its closes and responses through the places we rebind;
+if not, the server refuses to start with one line naming gunicorn's version and what
+changed. Stock closes are never served silently.
 
-Tested with gunicorn 27.0. (The gasgi ASGIWorker keeps its own reaches in
-asgi_worker.py.)
+Tested with gunicorn 27.0. The asgi and gevent sections import gunicorn.asgi,
+gunicorn.workers.gasgi and gevent inside their checks only: importing
+graceful_close.gunicorn must not import them (nor uvicorn).
 """
 
 from __future__ import annotations
@@ -240,3 +242,67 @@ def install_sync_worker_guard() -> None:
         return getter(cfg)
 
     gunicorn.config.Config.worker_class = property(worker_class)
+
+
+# ---- gunicorn asgi worker (-k graceful_close.gunicorn.ASGIWorker) ----------------------
+# What it depends on:
+#   1. ASGIWorker._serve() builds each connection's protocol with `lambda: ASGIProtocol(self)`,
+#      a lookup of the module-global name gasgi.ASGIProtocol when a connection arrives.
+#   2. ASGIProtocol ends every HTTP/1.x and HTTP/2 connection through _close_transport()
+#      (parse errors, keep-alive expiry, the end of _handle_connection and of HTTP/2).
+#   3. ASGIProtocol._will_close(request, response_requires_close) is the one keep-alive
+#      decision: it sets "Connection: close" and the loop ends the connection on True.
+#   4. ASGIProtocol keeps self.transport, self._closed, self.req_count (this connection's
+#      requests, the current one included) and does its bookkeeping in connection_lost().
+#   5. ASGIWorker._shutdown() is the coroutine that ends _serve(); _quick_shutdown is True
+#      after SIGINT/SIGQUIT; notify() is the heartbeat, called about once a second.
+ASGI_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost")
+
+
+def _code(function: object) -> types.CodeType | None:
+    code = getattr(function, "__code__", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
+def check_asgi_worker() -> str | None:
+    """None when gasgi still routes what ASGIWorker needs; else what changed, in one line."""
+    from gunicorn.asgi.protocol import ASGIProtocol
+    from gunicorn.workers import gasgi
+
+    version = f"gunicorn {VERSION}"
+    serve = _code(getattr(gasgi.ASGIWorker, "_serve", None))
+    handle = _code(getattr(ASGIProtocol, "_handle_connection", None))
+    if getattr(gasgi, "ASGIProtocol", None) is not ASGIProtocol or serve is None or handle is None:
+        return f"{version}: gunicorn.workers.gasgi no longer has ASGIWorker._serve and ASGIProtocol"
+    if "ASGIProtocol" not in _names(serve):
+        return f"{version}: gasgi.ASGIWorker._serve no longer builds connections from gasgi.ASGIProtocol"
+    missing = [name for name in ASGI_PROTOCOL_METHODS if not callable(getattr(ASGIProtocol, name, None))]
+    if missing or not callable(getattr(gasgi.ASGIWorker, "_shutdown", None)):
+        return f"{version}: gasgi's ASGIProtocol/ASGIWorker lost {', '.join(missing) or '_shutdown'}"
+    if not {"_close_transport", "req_count"} <= _names(handle):
+        return (f"{version}: ASGIProtocol._handle_connection no longer counts requests in "
+                "req_count and ends connections with _close_transport")
+    return None
+
+
+# ---- gevent worker (-k graceful_close.gunicorn.GeventWorker) ---------------------------
+# What it depends on:
+#   1. AsyncWorker.handle() ends every connection with util.close(client), looked up on the
+#      gunicorn.util module at call time (GeventWorker rebinds it in its worker process).
+#   2. gevent's StreamServer closes the client socket object once the handler returns, so the
+#      engine takes the descriptor out of it (socket.detach()).
+#   3. gunicorn's Request numbers the requests of a connection (req_number) and keeps the
+#      connection's unreader (req.unreader), where the policy keeps per-connection limits.
+def check_gevent_worker() -> str | None:
+    """None when gunicorn still routes what GeventWorker needs; else what changed, in one line."""
+    from gunicorn.workers import ggevent  # imports gevent
+
+    version = f"gunicorn {VERSION}"
+    handle = _code(getattr(ggevent.AsyncWorker, "handle", None))
+    if not callable(getattr(gunicorn.util, "close", None)) or handle is None or (
+            "close" not in handle.co_names):
+        return f"{version}: AsyncWorker.handle no longer ends connections with util.close"
+    init = _code(gunicorn_message.Request.__init__)
+    if init is None or not {"req_number", "unreader"} <= set(init.co_names) | set(init.co_varnames):
+        return f"{version}: http.message.Request no longer has req_number and unreader"
+    return None

@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
-import types
 from typing import Any
 
-import gunicorn
 from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers import gasgi
 
@@ -31,58 +29,9 @@ from .. import metrics
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine, nothing_at_stake
 from ..settings import Settings, SettingsError, current_settings
+from ._compat import check_asgi_worker
 
 __all__ = ["ASGIWorker"]
-
-# ---- _compat: every reach into gunicorn's gasgi internals (gunicorn 27) -----------------
-# Kept here, apart from graceful_close/gunicorn/_compat.py (the sync/gthread reaches), and
-# checked by check_compat() in the master at start-up. What it depends on:
-#   1. ASGIWorker._serve() builds each connection's protocol with `lambda: ASGIProtocol(self)`,
-#      a lookup of the module-global name gasgi.ASGIProtocol when a connection arrives.
-#   2. ASGIProtocol ends every HTTP/1.x and HTTP/2 connection through _close_transport()
-#      (parse errors, keep-alive expiry, the end of _handle_connection and of HTTP/2).
-#   3. ASGIProtocol._will_close(request, response_requires_close) is the one keep-alive
-#      decision: it sets "Connection: close" and the loop ends the connection on True.
-#   4. ASGIProtocol keeps self.transport, self._closed, self.req_count (this connection's
-#      requests, the current one included) and does its bookkeeping in connection_lost().
-#   5. ASGIWorker._shutdown() is the coroutine that ends _serve(); _quick_shutdown is True
-#      after SIGINT/SIGQUIT; notify() is the heartbeat, called about once a second.
-_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost")
-
-
-def _global_names(code: types.CodeType) -> set[str]:
-    """Names a function and the functions nested in it look up as globals or attributes."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
-
-
-def _code(function: object) -> types.CodeType | None:
-    code = getattr(function, "__code__", None)
-    return code if isinstance(code, types.CodeType) else None
-
-
-def check_compat() -> str | None:
-    """None when gasgi still routes what this worker needs; else what changed, in one line."""
-    version = f"gunicorn {gunicorn.__version__}"
-    serve = _code(getattr(gasgi.ASGIWorker, "_serve", None))
-    handle = _code(getattr(ASGIProtocol, "_handle_connection", None))
-    if getattr(gasgi, "ASGIProtocol", None) is not ASGIProtocol or serve is None or handle is None:
-        return f"{version}: gunicorn.workers.gasgi no longer has ASGIWorker._serve and ASGIProtocol"
-    if "ASGIProtocol" not in _global_names(serve):
-        return f"{version}: gasgi.ASGIWorker._serve no longer builds connections from gasgi.ASGIProtocol"
-    missing = [name for name in _PROTOCOL_METHODS if not callable(getattr(ASGIProtocol, name, None))]
-    if missing or not callable(getattr(gasgi.ASGIWorker, "_shutdown", None)):
-        return f"{version}: gasgi's ASGIProtocol/ASGIWorker lost {', '.join(missing) or '_shutdown'}"
-    if not {"_close_transport", "req_count"} <= _global_names(handle):
-        return (f"{version}: ASGIProtocol._handle_connection no longer counts requests in "
-                "req_count and ends connections with _close_transport")
-    return None
-
-
-# ---- end of _compat -----------------------------------------------------------------
 
 
 class LingeringASGIProtocol(ASGIProtocol):
@@ -184,7 +133,7 @@ class ASGIWorker(gasgi.ASGIWorker):
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         """Runs in the master at start-up: refuse to start, in one line, when we route nothing."""
-        problem = check_compat()
+        problem = check_asgi_worker()
         if problem is not None:
             print(f"graceful-close: ASGIWorker cannot run on {problem}", file=sys.stderr, flush=True)
             sys.exit(1)
