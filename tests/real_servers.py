@@ -36,6 +36,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _answers_http(port: int) -> bool:
+    """True once a server on `port` answers a request with an HTTP/1.x status line."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(12).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL to the whole session after 10 s."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _unprivileged(kind: str) -> str:
     """The user (and group) line for a server started as root; nothing otherwise."""
     if os.geteuid() != 0:
@@ -96,13 +117,9 @@ class RealServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited at startup:\n{self.error_log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    if sock.recv(12).startswith(b"HTTP/1."):
-                        return self
-            except OSError:
-                time.sleep(0.1)
+            if _answers_http(self.port):
+                return self
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"{self.kind} never answered on port {self.port}:\n{self.error_log()}")
 
@@ -111,14 +128,8 @@ class RealServer:
         return path.read_text(errors="replace")[-4000:] if path.exists() else "(no error log)"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # Both stop at once on SIGTERM (nginx: fast shutdown; Apache: stop).
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        # Both stop at once on SIGTERM (nginx: fast shutdown; Apache: stop).
+        _terminate(self.proc)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> RealServer:
@@ -143,24 +154,14 @@ class PythonServer:
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    if sock.recv(12).startswith(b"HTTP/1."):
-                        return self
-            except OSError:
-                time.sleep(0.1)
+            if _answers_http(self.port):
+                return self
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"{' '.join(argv)} never answered on port {self.port}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        _terminate(self.proc)
 
     def __enter__(self) -> PythonServer:
         return self.start()

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from graceful_close.diagnostics.scenarios import Target, early_response_upload, pipelined
+from graceful_close.diagnostics.scenarios import (
+    ScenarioResult,
+    Target,
+    early_response_upload,
+    pipelined,
+)
 from graceful_close.diagnostics.wire import request_bytes
 from tests.real_servers import (
     APACHE,
@@ -63,6 +68,11 @@ def verdicts(report: dict) -> dict[str, dict]:
 def http10_get(target: Target, path: str) -> bytes:
     return request_bytes("GET", path, target.authority).replace(b" HTTP/1.1\r\n",
                                                                 b" HTTP/1.0\r\n", 1)
+
+
+def raw_sample_upload(port: int) -> ScenarioResult:
+    """An independent client: the sample app's upload, answered early by the server."""
+    return early_response_upload(Target("127.0.0.1", port), SAMPLE_UPLOAD, timeout=10)
 
 
 def raw_close_pipeline(port: int, path: str, gap: float) -> tuple[int, str]:
@@ -220,8 +230,7 @@ def test_hypercorn_resets_in_flight_requests_and_early_answers() -> None:
         url = f"http://127.0.0.1:{server.port}/"
         status, report, stderr = probe(url, "--close-path", SAMPLE_CLOSE, "--upload-path",
                                        SAMPLE_UPLOAD, "--idle-max", "3", *QUICK)
-        raw = early_response_upload(Target("127.0.0.1", server.port), SAMPLE_UPLOAD,
-                                    timeout=10)
+        raw = raw_sample_upload(server.port)
         # HTTP/1.0 with GETs in the same write: h11 refuses them and hypercorn answers 400.
         _, http10, _ = probe(url, "--big-path", SAMPLE_BIG, "--only", "close-pipeline", *QUICK)
     found = verdicts(report)
@@ -254,8 +263,7 @@ def test_waitress_small_body_limit_resets_its_413() -> None:
         url = f"http://127.0.0.1:{server.port}/"
         status, report, stderr = probe(url, "--big-path", SAMPLE_BIG, "--upload-path",
                                        SAMPLE_UPLOAD, "--idle-max", "1", *QUICK)
-        raw = early_response_upload(Target("127.0.0.1", server.port), SAMPLE_UPLOAD,
-                                    timeout=10)
+        raw = raw_sample_upload(server.port)
         cut, ending = raw_close_pipeline(server.port, SAMPLE_BIG, gap=0.05)
         # Our WSGI app sends no Connection: close: waitress keeps the connection alive.
         _, kept, _ = probe(url, "--close-path", SAMPLE_CLOSE, "--only", "close-pipeline", *QUICK)
