@@ -20,7 +20,6 @@ Safe for a production server: every scenario is bounded in requests, bytes and t
 
 from __future__ import annotations
 
-import socket
 import ssl
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import probe_clients as clients
-from .console import table_console
+from .console import console_for_table
 from .scenarios import Target
 
 if TYPE_CHECKING:
@@ -82,11 +81,8 @@ class ProbeTarget(Target):
 
     server_name: str = ""
 
-    def connect(self, timeout: float) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_hostname=self.server_name or self.host)
-        return sock
+    def tls_server_name(self) -> str:
+        return self.server_name or self.host
 
 
 @dataclass
@@ -654,13 +650,11 @@ def summary(report: ProbeReport) -> str:
 
 def render_report(report: ProbeReport, console: Console | None = None) -> None:
     """A readable table (rich when installed, plain text otherwise)."""
-    try:
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is in the diagnostics extra
-        print(plain_report(report))
-        return
+    console = console_for_table(console, lambda: plain_report(report))
     if console is None:
-        console = table_console()
+        return
+    from rich.table import Table
+
     table = Table(title=f"graceful-close probe {report.url}  (server: {report.server})",
                   title_justify="left", show_lines=True)
     table.add_column("scenario", no_wrap=True)

@@ -29,10 +29,13 @@ class Target:
     def authority(self) -> str:
         return self.host_header or f"{self.host}:{self.port}"
 
+    def tls_server_name(self) -> str:
+        return self.host_header or self.host
+
     def connect(self, timeout: float) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=timeout)
         if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_hostname=self.host_header or self.host)
+            sock = self.tls.wrap_socket(sock, server_hostname=self.tls_server_name())
         return sock
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .console import table_console
+from .console import console_for_table
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -239,13 +239,11 @@ def _scope(port: int | None, pid: int | None) -> str:
 
 
 def render_census(census: Census, console: Console | None = None) -> None:
-    try:
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is in the diagnostics extra
-        print(plain_census(census))
-        return
+    console = console_for_table(console, lambda: plain_census(census))
     if console is None:
-        console = table_console()
+        return
+    from rich.table import Table
+
     fin = f"{census.fin_timeout} s" if census.fin_timeout is not None else "unknown"
     table = Table(title=f"TCP states: {census.scope}  (net.ipv4.tcp_fin_timeout = {fin})",
                   title_justify="left")
