@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--targets ...] [--items ...]
+"""python -m benchmarks [--quick] [--targets ...] [--items ...] [--reps N] [--hol-reps N]
 
 Runs stock and graceful servers side by side for every supported worker and
 protocol, writes results.json, RESULTS.md and the head-of-line chart.
@@ -18,7 +18,7 @@ from pathlib import Path
 from .correctness import measure_correctness
 from .hol import measure_hol
 from .meta import machine_meta
-from .plan import Plan, plan_for
+from .plan import START_PAIR, Plan, item_seconds, plan_for
 from .report import write_report
 from .scale import measure_census, measure_rss
 from .servers import TARGETS, VARIANTS, BenchTarget
@@ -91,6 +91,18 @@ def run_target(target: BenchTarget, plan: Plan, items: list[str], entry: dict, s
         save()
 
 
+def estimate_seconds(plan: Plan, targets: list[str], items: list[str]) -> float:
+    """Rough duration of a run (see plan.item_seconds)."""
+    cost = item_seconds(plan)
+    total = 0.0
+    for key in targets:
+        total += START_PAIR * any(i in PAIR_ITEMS for i in items)
+        total += sum(cost[i] for i in items)
+        if "rss" in items and key in IDLE_REFERENCE:
+            total += cost["rss"]
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(TARGETS)}")
     parser.add_argument("--items", default=",".join(ITEMS),
                         help=f"comma-separated subset of {','.join(ITEMS)}")
-    parser.add_argument("--reps", type=int, help="repetitions per measurement")
+    parser.add_argument("--reps", type=int,
+                        help="repetitions of each wrk run and (unless --hol-reps) of head-of-line")
+    parser.add_argument("--hol-reps", type=int, help="head-of-line repetitions")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), help="uvicorn event loop")
     parser.add_argument("--out", type=Path, help="output directory")
     parser.add_argument("--merge", action="store_true",
                         help="update the saved results.json with the items run now")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print how long the selected run would take, and exit")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md and the chart from the saved results.json")
     args = parser.parse_args(argv)
@@ -120,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in targets if t not in TARGETS] + [i for i in items if i not in ITEMS]
     if unknown:
         parser.error(f"unknown target(s)/item(s): {', '.join(unknown)}")
-    plan = plan_for(args.quick, args.reps, args.loop)
+    plan = plan_for(args.quick, args.reps, args.loop, args.hol_reps)
+    estimate = estimate_seconds(plan, targets, items)
+    log(f"estimated duration: {estimate / 60:.0f} min ({estimate:.0f} s) without the runs "
+        "repeated while other processes use the CPU")
+    if args.estimate:
+        return 0
     nofile = raise_nofile()
     if {"keepalive", "close"} & set(items):
         ensure_wrk()

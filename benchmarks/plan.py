@@ -33,10 +33,39 @@ QUICK = Plan(quick=True, reps=1, throughput_seconds=1.0, hol_counts=(0, 10, 100)
              census_clients=3, census_after=3.0, correctness_clients=8, upload_size=2 << 20)
 
 
-def plan_for(quick: bool, reps: int | None = None, loop: str | None = None) -> Plan:
+def plan_for(quick: bool, reps: int | None = None, loop: str | None = None,
+             hol_reps: int | None = None) -> Plan:
+    """reps sets the wrk repetitions and, unless hol_reps is given, the head-of-line ones."""
     plan = QUICK if quick else FULL
     if reps is not None:
         plan = replace(plan, reps=reps, hol_reps=reps)
+    if hol_reps is not None:
+        plan = replace(plan, hol_reps=hol_reps)
     if loop is not None:
         plan = replace(plan, loop=loop)
     return plan
+
+
+# Seconds that the plan's parameters do not give, from the full run of 2026-12-01
+# on the 2-core benchmark machine (results.json "seconds" per item).
+START_PAIR = 3.0         # starting and stopping a stock + graceful pair
+WRK_OVERHEAD = 0.3       # per wrk run, beyond its -d
+HOL_SETTLE = 0.5         # per head-of-line point: crowd teardown and the settle check
+CORRECTNESS = 20.0       # stock servers that never end a connection wait SCENARIO_TIMEOUT
+RSS_ONE = 9.0            # one server filled with rss_clients sockets and emptied again
+CENSUS_OVERHEAD = 5.0    # per variant: start, serve the crowd, stop
+
+
+def item_seconds(plan: Plan) -> dict[str, float]:
+    """Rough duration of each item on one target ("rss": per server measured), without
+    the runs repeated under foreign load (throughput.RETRIES)."""
+    from .hol import window_for  # hol imports this module
+
+    throughput = 2 * (1 + WRK_OVERHEAD) + 2 * plan.reps * (plan.throughput_seconds + WRK_OVERHEAD)
+    return {
+        "keepalive": throughput, "close": throughput,
+        "hol": plan.hol_reps * 2 * sum(window_for(n, plan) + HOL_SETTLE for n in plan.hol_counts),
+        "correctness": CORRECTNESS,
+        "rss": RSS_ONE,
+        "census": 2 * (plan.census_after + CENSUS_OVERHEAD),
+    }

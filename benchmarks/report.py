@@ -1,17 +1,23 @@
-"""RESULTS.md and the head-of-line chart from a results dict (see __main__)."""
+"""RESULTS.md and its two charts (head-of-line p99, throughput ratios) from a results dict
+(see __main__)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from pathlib import Path
+from typing import TypeGuard
 
 KEEPALIVE_TARGET = 0.97
 CLOSE_TARGET = 0.90
 HOL_FACTOR = 2.0
-RSS_TARGET = 20 * 2**20
+# RSS per lingering socket (issue 9): the uvicorn-based servers keep only a small drain
+# protocol per socket, gthread only its socket; the other workers have no memory target.
+RSS_TARGET_KIB = {"h11": 2.0, "httptools": 2.0, "uvicorn-worker": 2.0, "zttp": 2.0, "gthread": 1.0}
 NOTES = Path(__file__).with_name("notes.md")
 CHART = "hol_p99.png"
+RATIO_CHART = "throughput_ratio.png"
 
 
 def _ms(seconds: float | None) -> str:
@@ -24,8 +30,9 @@ def _mark(ok: bool | None) -> str:
     return "" if ok is None else (" ✅" if ok else " ❌")
 
 
-def _ok(item: dict | None) -> bool:
-    return bool(item) and "error" not in item
+def _ok(item: dict | None) -> TypeGuard[dict]:
+    """A measured item (not missing, not failed)."""
+    return item is not None and bool(item) and "error" not in item
 
 
 def hol_verdict(hol: dict) -> tuple[bool | None, float, float]:
@@ -39,19 +46,32 @@ def hol_verdict(hol: dict) -> tuple[bool | None, float, float]:
     return worst <= HOL_FACTOR * base, base, worst
 
 
+def rss_kib_per_socket(rss: dict) -> float:
+    return rss["growth"] / max(1, rss["clients"]) / 1024
+
+
+def _cpu_cell(data: dict | None) -> str:
+    cpu = data.get("cpu_us_per_request") if _ok(data) else None
+    return f"{cpu['stock']:.0f} → {cpu['graceful']:.0f}" if cpu else "-"
+
+
 def _summary(targets: dict) -> list[str]:
     lines = ["| worker / protocol | keep-alive req/s ratio (≥ 0.97) | Connection: close ratio (≥ 0.90) "
+             "| worker CPU µs per request, keep-alive, stock → graceful "
+             "| worker CPU µs per request, close, stock → graceful "
              "| HOL worst p99 vs 2× N=0 p99, graceful | HOL p99 at max N, stock → graceful (ms) "
-             "| RSS growth, 10k lingering (< 20 MiB) | intact under load, graceful (stock) |",
-             "|---|---|---|---|---|---|---|"]
-    for entry in targets.values():
+             "| RSS per lingering socket (< 2 KiB uvicorn-based, < 1 KiB gthread) "
+             "| intact under load, graceful (stock) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, entry in targets.items():
         if "skipped" in entry:
-            lines.append(f"| {entry['label']} | skipped: {entry['skipped']} ||||||")
+            lines.append(f"| {entry['label']} | skipped: {entry['skipped']} ||||||||")
             continue
         cells = [entry["label"]]
         for item, goal in (("keepalive", KEEPALIVE_TARGET), ("close", CLOSE_TARGET)):
             data = entry.get(item)
             cells.append(f"{data['ratio']:.3f}{_mark(data['ratio'] >= goal)}" if _ok(data) else "-")
+        cells += [_cpu_cell(entry.get("keepalive")), _cpu_cell(entry.get("close"))]
         hol = entry.get("hol")
         if _ok(hol):
             met, base, worst = hol_verdict(hol)
@@ -62,8 +82,13 @@ def _summary(targets: dict) -> list[str]:
         else:
             cells += ["-", "-"]
         rss = entry.get("rss")
-        cells.append(f"{rss['growth'] / 2**20:.1f} MiB for {rss['clients']}"
-                     f"{_mark(rss['growth'] < RSS_TARGET and rss['all_held'])}" if _ok(rss) else "-")
+        if _ok(rss):
+            kib, limit = rss_kib_per_socket(rss), RSS_TARGET_KIB.get(key)  # no limit: no verdict
+            verdict = None if limit is None else kib < limit and rss["all_held"]
+            cells.append(f"{kib:.2f} KiB{_mark(verdict)} ({rss['growth'] / 2**20:.1f} MiB for "
+                         f"{rss['clients']}{'' if rss['all_held'] else ', not all held'})")
+        else:
+            cells.append("-")
         corr = entry.get("correctness")
         if _ok(corr):
             parts = []
@@ -133,13 +158,13 @@ def _hol(targets: dict) -> list[str]:
                          f"{_ms(g['p50'])} / {_ms(g['p99'])} / {_ms(g['max'])} | {g['requests']:.0f} | "
                          f"{s['crowd_answered']:.0f}/{s['arrived']:.0f} / "
                          f"{g['crowd_answered']:.0f}/{g['arrived']:.0f} |")
-    return lines + ["", f"![p99 latency vs never-closing clients]({CHART})", ""]
+    return lines + [""]
 
 
 def _rss(targets: dict) -> list[str]:
     lines = ["### 4. One graceful worker holding many lingering sockets", "",
              "| worker / protocol | lingering clients | RSS before → while holding (MiB) | growth MiB "
-             "| bytes per socket | fds before → holding → after clients close | server FIN-WAIT-2 "
+             "| KiB per socket | fds before → holding → after clients close | server FIN-WAIT-2 "
              "| normal requests meanwhile (failed) |",
              "|---|---|---|---|---|---|---|---|"]
     for entry in targets.values():
@@ -157,12 +182,14 @@ def _rss_row(r: dict | None, label: str) -> list[str]:
         return [f"| {label} | error: {r['error']} |||||||"] if r else []
     return [f"| {label} | {r['clients']} | {r['base_rss'] / 2**20:.1f} → "
             f"{r['rss'] / 2**20:.1f} | {r['growth'] / 2**20:.1f} | "
-            f"{r['growth'] / max(1, r['clients']):.0f} | {r['base_fds']} → {r['fds']} → "
+            f"{rss_kib_per_socket(r):.2f} | {r['base_fds']} → {r['fds']} → "
             f"{r['fds_after_release']} | {r['server_fin_wait_2']} | "
             f"{r['probe_requests']} ({r['probe_failed']}) |"]
 
 
 def _census(targets: dict, plan: dict) -> list[str]:
+    if not any(_ok(e.get("census")) for e in targets.values()):
+        return ["### 5. Aftermath census", "", "Not measured in this run.", ""]
     lines = ["### 5. Aftermath census", "",
              f"{plan['census_clients']} clients read their response and never close; "
              f"{plan['census_after']:g} s after the last one was answered, `ss` counts the sockets "
@@ -247,6 +274,56 @@ def write_chart(targets: dict, path: Path) -> bool:
     return True
 
 
+def write_ratio_chart(targets: dict, path: Path) -> bool:
+    """Grouped bars per server: graceful/stock req/s for keep-alive and Connection: close,
+    with the two targets as horizontal lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = [(e["label"], *(e[i]["ratio"] if _ok(e.get(i)) else None for i in ("keepalive", "close")))
+            for e in targets.values()]
+    rows = [r for r in rows if r[1] is not None or r[2] is not None]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(rows) + 4.0), 5.5))
+    width = 0.38
+    top = max([1.15] + [v for r in rows for v in r[1:] if v is not None and math.isfinite(v)])
+    series = (("keep-alive", 1, -width / 2, "tab:blue", KEEPALIVE_TARGET),
+              ("Connection: close", 2, width / 2, "tab:orange", CLOSE_TARGET))
+    handles: list = []
+    for name, col, shift, color, goal in series:
+        for x, row in enumerate(rows):
+            value = row[col]
+            if value is None:  # not measured or failed: say so instead of a missing bar
+                ax.text(x + shift, 0.02, "n/a", ha="center", va="bottom", fontsize=8)
+                continue
+            met = value >= goal
+            ax.bar(x + shift, value, width, color=color, edgecolor="black" if met else "red",
+                   linewidth=0.6 if met else 1.8)
+            ax.text(x + shift, value + 0.01, f"{value:.3f}", ha="center", va="bottom", fontsize=8,
+                    color="black" if met else "red", zorder=3,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.8})
+        ax.axhline(goal, color=color, linestyle="--", linewidth=1.2)
+        handles += [Patch(facecolor=color, edgecolor="black", label=name),
+                    Line2D([], [], color=color, linestyle="--", label=f"{name} target ≥ {goal:.2f}")]
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [textwrap.fill(r[0], 14) for r in rows], fontsize=8)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_ylim(0, top * 1.08)
+    ax.set_ylabel("graceful req/s ÷ stock req/s (median)")
+    ax.set_title("Throughput per server: graceful ÷ stock req/s (1.0 = stock speed)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    handles.append(Patch(facecolor="white", edgecolor="red", linewidth=1.8, label="below its target"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(results: dict, out_dir: Path) -> Path:
     meta, targets = results["meta"], results["targets"]
     plan = meta["plan"]
@@ -271,6 +348,13 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"{plan['hol_reps']} head-of-line repetitions) and reports medians.", "",
         "## Summary", "", *_summary(targets), "",
     ]
+    charts = [f"![{alt}]({name})" for alt, name, written in (
+        ("graceful/stock throughput ratio per server", RATIO_CHART,
+         write_ratio_chart(targets, out_dir / RATIO_CHART)),
+        ("p99 latency vs never-closing clients", CHART, write_chart(targets, out_dir / CHART)))
+        if written]
+    if charts:
+        lines += [" ".join(charts), ""]
     if NOTES.exists() and not plan["quick"]:
         lines += ["## Analysis", "", NOTES.read_text().strip(), ""]
     lines += ["## Details", "",
@@ -284,7 +368,6 @@ def write_report(results: dict, out_dir: Path) -> Path:
     seconds = [f"{e['label']}: " + ", ".join(f"{k} {v:g} s" for k, v in e.get("seconds", {}).items())
                for e in targets.values() if e.get("seconds")]
     lines += ["Time taken per item: " + "; ".join(seconds), ""]
-    write_chart(targets, out_dir / CHART)
     path = out_dir / "RESULTS.md"
     path.write_text("\n".join(lines))
     return path

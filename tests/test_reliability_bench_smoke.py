@@ -1,5 +1,6 @@
 """The benchmark harness still runs: `python -m benchmarks --quick` on one worker
-writes results.json, RESULTS.md and the head-of-line chart. Numbers are not
+writes results.json, RESULTS.md, the head-of-line chart and the throughput-ratio chart
+(again with --report-only). Numbers are not
 checked here (timings belong to benchmarks/RESULTS.md), only that every selected
 item produced data without an error."""
 
@@ -34,7 +35,21 @@ def test_quick_benchmark_run_writes_its_report(tmp_path: Path) -> None:
     for item in items:
         assert item in entry and "error" not in entry[item], (item, entry.get(item))
     assert set(entry["hol"]["median"]) == {"stock", "graceful"}
-    report = (tmp_path / "RESULTS.md").read_text()
+    charts = ["hol_p99.png"] + (["throughput_ratio.png"] if "keepalive" in items else [])
+    _assert_report(tmp_path, charts)
+
+    for chart in charts:  # --report-only redraws both charts from results.json
+        (tmp_path / chart).unlink()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--report-only", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_report(tmp_path, charts)
+
+
+def _assert_report(out: Path, charts: list[str]) -> None:
+    report = (out / "RESULTS.md").read_text()
     assert "gunicorn gthread" in report and "QUICK smoke run" in report
-    chart = (tmp_path / "hol_p99.png").read_bytes()
-    assert chart.startswith(b"\x89PNG") and len(chart) > 10_000
+    for name in charts:
+        assert f"]({name})" in report, name
+        chart = (out / name).read_bytes()
+        assert chart.startswith(b"\x89PNG") and len(chart) > 10_000, name
