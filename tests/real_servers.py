@@ -46,6 +46,23 @@ def _answers_http(port: int) -> bool:
         return False
 
 
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """The server in a session of its own (stopped as a group), output discarded."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _answering(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Wait until the server on `port` answers (True); False when it exited first or
+    STARTUP_TIMEOUT passed."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _answers_http(port):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM, then SIGKILL to the whole session after 10 s."""
     if proc is not None and proc.poll() is None:
@@ -110,16 +127,11 @@ class RealServer:
 
     def start(self) -> RealServer:
         config = self.render()
-        self.proc = subprocess.Popen(self.argv(config), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited at startup:\n{self.error_log()}")
-            if _answers_http(self.port):
-                return self
-            time.sleep(0.1)
+        self.proc = _spawn(self.argv(config))
+        if _answering(self.proc, self.port):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.kind} exited at startup:\n{self.error_log()}")
         self.stop()
         raise RuntimeError(f"{self.kind} never answered on port {self.port}:\n{self.error_log()}")
 
@@ -150,13 +162,9 @@ class PythonServer:
     def start(self) -> PythonServer:
         self.port = free_port()
         argv = [arg.replace("{port}", str(self.port)) for arg in self.argv_for_port]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if _answers_http(self.port):
-                return self
-            time.sleep(0.1)
+        self.proc = _spawn(argv)
+        if _answering(self.proc, self.port):
+            return self
         self.stop()
         raise RuntimeError(f"{' '.join(argv)} never answered on port {self.port}")
 

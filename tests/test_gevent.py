@@ -17,29 +17,34 @@ tests is marked xfail(strict=False) so an upstream fix is reported, not a red CI
 from __future__ import annotations
 
 import signal
-import socket
-import ssl
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import trustme
 
 from graceful_close.diagnostics.launch import ServerProcess, gunicorn_server
 from graceful_close.diagnostics.processes import fd_count, wait_until, worker_pid
 from graceful_close.diagnostics.scenarios import (
     Target,
-    early_response_upload,
     never_closing,
     pipelined,
     pipelined_after_close,
     timed_request,
 )
-from graceful_close.diagnostics.wire import ResponseReader, request_bytes
-from tests.helpers import exchange_on_one_connection
+from graceful_close.diagnostics.wire import request_bytes
+from tests.helpers import (
+    NGINX_LINGER,
+    SHORT_LINGER,
+    SIGTERM_CLIENTS,
+    assert_close_pipelined_intact,
+    assert_early_413s_intact,
+    assert_one_line_refusal,
+    assert_sigterm_no_slower_than_stock,
+    exchange_on_one_connection,
+    resets_mid_upload,
+    seconds_to_exit_while_trickling,
+)
 
 pytest.importorskip("gevent")
 
@@ -47,9 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 APP = "tests.apps_gevent:app"
 OURS = "graceful_close.gunicorn.GeventWorker"
 STOCK = "gevent"
-SHORT_LINGER = {"GRACEFUL_CLOSE_LINGER_TIMEOUT": "0.5", "GRACEFUL_CLOSE_LINGER_TIME": "2"}
 BIG = 2_000_000
-NGINX_LINGER = {"GRACEFUL_CLOSE_LINGER_TIMEOUT": "5", "GRACEFUL_CLOSE_LINGER_TIME": "30"}  # the defaults
 
 STOCK_CUTS = pytest.mark.xfail(strict=False, reason="stock gevent closes with a plain close(): RST")
 STOCK_HAS_NO_POLICY = pytest.mark.xfail(strict=False, reason="stock gevent has no keep-alive policy")
@@ -82,12 +85,7 @@ def test_compat_check_and_one_line_refusal_when_gunicorn_no_longer_routes_to_us(
     from graceful_close.gunicorn._compat import check_gevent_worker
 
     assert check_gevent_worker() is None
-    done = subprocess.run([sys.executable, "-c", REFUSAL], capture_output=True, text=True,
-                          timeout=60)
-    ours = [line for line in (done.stdout + done.stderr).splitlines() if "graceful-close" in line]
-    assert done.returncode != 0
-    assert len(ours) == 1 and "gunicorn 27" in ours[0] and "util.close" in ours[0], ours
-    assert "Traceback" not in done.stderr
+    assert_one_line_refusal(REFUSAL, "util.close")
 
 
 @pytest.mark.parametrize("worker", [pytest.param(STOCK, marks=STOCK_CUTS, id="stock"),
@@ -95,21 +93,14 @@ def test_compat_check_and_one_line_refusal_when_gunicorn_no_longer_routes_to_us(
 def test_connection_close_response_with_pipelined_requests_arrives_intact(start_server,
                                                                           worker: str) -> None:
     server = start_server(gevent_server(worker))
-    results = [pipelined_after_close(target(server), f"/big?close=1&size={BIG}", timeout=20)
-               for _ in range(3)]
-    summary = [(r.body_bytes, r.ending) for r in results]
-    assert all(r.intact and r.ending == "FIN" for r in results), summary
+    assert_close_pipelined_intact(target(server), BIG)
 
 
 @pytest.mark.parametrize("worker", BOTH)
 def test_early_413_to_an_unread_upload_arrives_intact(start_server, worker: str) -> None:
     """Stock passes too: its keep-alive parser reads the unread body before closing."""
     server = start_server(gevent_server(worker))
-    results = [early_response_upload(target(server), "/upload?size=1000000", 8 << 20, timeout=20)
-               for _ in range(3)]
-    summary = [(r.body_bytes, r.ending, r.note) for r in results]
-    assert all(r.intact and r.ending == "FIN" and not r.note for r in results), summary
-    assert all(r.responses[0].status == 413 and r.body_bytes == 1_000_000 for r in results)
+    assert_early_413s_intact(target(server))
 
 
 @pytest.mark.parametrize("worker", BOTH)
@@ -158,18 +149,6 @@ def test_request_cap_and_user_agent_rule(start_server, worker: str) -> None:
     assert ending == "FIN"
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> tuple[Path, ssl.SSLContext]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certdir = tmp_path_factory.mktemp("certs")
-    cert.private_key_pem.write_to_path(str(certdir / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(certdir / "cert.pem"))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return certdir, client
-
-
 @pytest.mark.parametrize("worker", [pytest.param(STOCK, marks=STOCK_CUTS, id="stock"),
                                     pytest.param(OURS, id="ours")])
 def test_tls_connection_close_response_with_pipelined_requests(start_server, certs,
@@ -190,77 +169,20 @@ def test_tls_connection_close_response_with_pipelined_requests(start_server, cer
 
 # ---- stop ----------------------------------------------------------------------------------
 
-def _seconds_to_exit(server: ServerProcess, sig: int, timeout: float = 40.0) -> float:
-    start = time.monotonic()
-    server.signal(sig)
-    assert server.wait(timeout) is not None, server.log_text()[-2000:]
-    return time.monotonic() - start
+def stock_and_ours_for_stop() -> dict[str, ServerProcess]:
+    return {"stock": gevent_server(STOCK, env=NGINX_LINGER), "ours": gevent_server(OURS, env=NGINX_LINGER)}
 
 
-def test_sigterm_with_clients_holding_a_finished_connection_is_no_slower_than_stock(
-        start_server) -> None:
-    """Three clients read a whole Connection: close response and our FIN, then keep their
-    socket open: nothing is at stake, so the stop must not wait for them (stock has
-    closed them already)."""
-    times = {}
-    for name, worker in (("stock", STOCK), ("ours", OURS)):
-        server = start_server(gevent_server(worker, env=NGINX_LINGER))
-        socks = []
-        for _ in range(3):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-            sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
-            reader = ResponseReader(sock, time.monotonic() + 5)
-            reader.read_response()
-            assert reader.read_end() == "FIN"
-            socks.append(sock)
-        times[name] = _seconds_to_exit(server, signal.SIGTERM)
-        for sock in socks:
-            sock.close()
-    print(f"gevent SIGTERM with 3 clients holding finished connections: {times}")
-    assert times["ours"] <= times["stock"] + 2.0, times
-
-
-def test_sigterm_with_idle_keepalive_clients_is_no_slower_than_stock(start_server) -> None:
-    times = {}
-    for name, worker in (("stock", STOCK), ("ours", OURS)):
-        server = start_server(gevent_server(worker, env=NGINX_LINGER))
-        socks = []
-        for _ in range(3):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-            sock.sendall(request_bytes("GET", "/", "x"))
-            ResponseReader(sock, time.monotonic() + 5).read_response()
-            socks.append(sock)
-        times[name] = _seconds_to_exit(server, signal.SIGTERM)
-        for sock in socks:
-            sock.close()
-    print(f"gevent SIGTERM with 3 idle keep-alive clients: {times}")
-    assert times["ours"] <= times["stock"] + 2.0, times
+@pytest.mark.parametrize(("clients", "what"), SIGTERM_CLIENTS)
+def test_sigterm_is_no_slower_than_stock(start_server, clients, what: str) -> None:
+    assert_sigterm_no_slower_than_stock(start_server, stock_and_ours_for_stop(), clients,
+                                        f"gevent SIGTERM with {what}")
 
 
 def test_sigint_ends_a_lingering_connection_at_once(start_server) -> None:
     server = start_server(gevent_server(OURS, env={"GRACEFUL_CLOSE_LINGER_TIME": "30",
                                                    "GRACEFUL_CLOSE_LINGER_TIMEOUT": "5"}))
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
-    reader = ResponseReader(sock, time.monotonic() + 5)
-    reader.read_response()
-    assert reader.read_end() == "FIN"
-    stop = threading.Event()
-
-    def trickle() -> None:
-        while not stop.wait(0.2):
-            try:
-                sock.send(b"t")
-            except OSError:
-                return
-
-    trickler = threading.Thread(target=trickle, daemon=True)
-    trickler.start()
-    time.sleep(0.5)
-    elapsed = _seconds_to_exit(server, signal.SIGINT, timeout=20)
-    stop.set()
-    trickler.join(5)
-    sock.close()
+    elapsed = seconds_to_exit_while_trickling(server, signal.SIGINT)
     assert elapsed < 5.0, elapsed
 
 
@@ -271,11 +193,7 @@ def test_no_descriptor_leaks(start_server) -> None:
     before = fd_count(pid)
     for _ in range(3):
         pipelined_after_close(tgt, f"/big?close=1&size={BIG}", timeout=20)
-    for _ in range(5):  # a client that resets while its upload is unread
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        sock.sendall(request_bytes("POST", "/upload", "x", content_length=1 << 20) + b"u" * 65536)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        sock.close()
+    resets_mid_upload(server.port, 5)  # clients that reset while their upload is unread
     for _ in range(3):
         never_closing(tgt, hold=0.5, timeout=5)
     assert wait_until(lambda: fd_count(pid) <= before, timeout=2 + 5), (before, fd_count(pid))

@@ -10,12 +10,8 @@ so an upstream fix shows up as XPASS instead of a red CI.
 from __future__ import annotations
 
 import signal
-import socket
 import ssl
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,15 +24,24 @@ from graceful_close.diagnostics.scenarios import (
     never_closing,
     pipelined_after_close,
 )
-from graceful_close.diagnostics.wire import ResponseReader, request_bytes
 from graceful_close.gunicorn._compat import check_asgi_worker
-from tests.helpers import SAMPLE_ASGI, exchange_on_one_connection
+from tests.helpers import (
+    NGINX_LINGER,
+    SAMPLE_ASGI,
+    SHORT_LINGER,
+    SIGTERM_CLIENTS,
+    assert_close_pipelined_intact,
+    assert_early_413s_intact,
+    assert_one_line_refusal,
+    assert_sigterm_no_slower_than_stock,
+    exchange_on_one_connection,
+    resets_mid_upload,
+    seconds_to_exit_while_trickling,
+)
 
 OURS = "graceful_close.gunicorn.ASGIWorker"
 STOCK = "asgi"
-SHORT_LINGER = {"GRACEFUL_CLOSE_LINGER_TIMEOUT": "0.5", "GRACEFUL_CLOSE_LINGER_TIME": "2"}
 BIG = 2_000_000
-NGINX_LINGER = {"GRACEFUL_CLOSE_LINGER_TIMEOUT": "5", "GRACEFUL_CLOSE_LINGER_TIME": "30"}  # the defaults
 
 STOCK_CUTS = pytest.mark.xfail(strict=False, reason="stock gasgi closes at once: RST under the response")
 STOCK_HAS_NO_POLICY = pytest.mark.xfail(strict=False, reason="stock gasgi has no keep-alive policy")
@@ -73,22 +78,15 @@ run()
 
 
 def test_refuses_to_start_with_one_line_when_gasgi_no_longer_routes_to_us() -> None:
-    done = subprocess.run([sys.executable, "-c", REFUSAL], capture_output=True, text=True,
-                          timeout=60)
-    ours = [line for line in (done.stdout + done.stderr).splitlines() if "graceful-close" in line]
-    assert done.returncode != 0
-    assert len(ours) == 1 and "gunicorn 27" in ours[0] and "ASGIProtocol" in ours[0], ours
-    assert "Traceback" not in done.stderr
+    assert_one_line_refusal(REFUSAL, "ASGIProtocol")
 
 
 @pytest.mark.parametrize("worker", SERVERS)
 def test_connection_close_response_with_pipelined_requests_arrives_intact(start_server,
                                                                           worker: str) -> None:
     server = start_server(asgi_server(worker))
-    results = [pipelined_after_close(target(server), f"/big?close=1&size={BIG}", timeout=20)
-               for _ in range(3)]
+    results = assert_close_pipelined_intact(target(server), BIG)
     summary = [(r.body_bytes, r.ending) for r in results]
-    assert all(r.intact and r.ending == "FIN" for r in results), summary
     assert all(r.responses[0].received_length == BIG for r in results), summary
 
 
@@ -97,11 +95,7 @@ def test_early_413_to_an_unread_upload_arrives_intact(start_server, worker: str)
     """1 MB 413 before the app reads an 8 MB upload; the client reads after sending it all.
     Stock: the 413 is cut (fewer bytes than sent), then RST."""
     server = start_server(asgi_server(worker))
-    results = [early_response_upload(target(server), "/upload?size=1000000", 8 << 20, timeout=20)
-               for _ in range(3)]
-    summary = [(r.body_bytes, r.ending, r.note) for r in results]
-    assert all(r.intact and r.ending == "FIN" and not r.note for r in results), summary
-    assert all(r.responses[0].status == 413 and r.body_bytes == 1_000_000 for r in results)
+    assert_early_413s_intact(target(server))
 
 
 @pytest.mark.parametrize("worker", POLICY_SERVERS)
@@ -157,57 +151,14 @@ def test_tls_early_413_intact_and_never_closing_client_released(start_server, ce
 
 # ---- stop ----------------------------------------------------------------------------------
 
-def _idle_keepalive_clients(port: int, count: int) -> list[socket.socket]:
-    socks = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        sock.sendall(request_bytes("GET", "/", "x"))
-        ResponseReader(sock, time.monotonic() + 5).read_response()
-        socks.append(sock)
-    return socks
+def stock_and_ours_for_stop() -> dict[str, ServerProcess]:
+    return {"stock": asgi_server(STOCK, env=NGINX_LINGER), "ours": asgi_server(OURS, env=NGINX_LINGER)}
 
 
-def _seconds_to_exit(server: ServerProcess, sig: int, timeout: float = 40.0) -> float:
-    start = time.monotonic()
-    server.signal(sig)
-    assert server.wait(timeout) is not None, server.log_text()[-2000:]
-    return time.monotonic() - start
-
-
-def test_sigterm_with_clients_holding_a_finished_connection_is_no_slower_than_stock(
-        start_server) -> None:
-    """Three clients read a whole Connection: close response and our FIN, then keep their
-    socket open: nothing is at stake, so the stop must not wait for them (stock has
-    closed them already)."""
-    times = {}
-    for name, worker in (("stock", STOCK), ("ours", OURS)):
-        server = start_server(asgi_server(worker, env=NGINX_LINGER))
-        socks = []
-        for _ in range(3):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-            sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
-            reader = ResponseReader(sock, time.monotonic() + 5)
-            reader.read_response()
-            assert reader.read_end() == "FIN"
-            socks.append(sock)
-        times[name] = _seconds_to_exit(server, signal.SIGTERM)
-        for sock in socks:
-            sock.close()
-    print(f"asgi SIGTERM with 3 clients holding finished connections: {times}")
-    assert times["ours"] <= times["stock"] + 2.0, times
-
-
-def test_sigterm_with_idle_keepalive_clients_is_no_slower_than_stock(start_server) -> None:
-    """Three pooled clients, one keep-alive request each, then idle (issue 12 item 1)."""
-    times = {}
-    for name, worker in (("stock", STOCK), ("ours", OURS)):
-        server = start_server(asgi_server(worker, env=NGINX_LINGER))
-        socks = _idle_keepalive_clients(server.port, 3)
-        times[name] = _seconds_to_exit(server, signal.SIGTERM)
-        for sock in socks:
-            sock.close()
-    print(f"SIGTERM with 3 idle keep-alive clients: {times}")
-    assert times["ours"] <= times["stock"] + 2.0, times
+@pytest.mark.parametrize(("clients", "what"), SIGTERM_CLIENTS)
+def test_sigterm_is_no_slower_than_stock(start_server, clients, what: str) -> None:
+    assert_sigterm_no_slower_than_stock(start_server, stock_and_ours_for_stop(), clients,
+                                        f"asgi SIGTERM with {what}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
@@ -216,28 +167,8 @@ def test_quick_stop_ends_lingering_connections_at_once(start_server, sig: int) -
     SIGINT/SIGQUIT end it at once, as stock ends its connections."""
     server = start_server(asgi_server(OURS, env={"GRACEFUL_CLOSE_LINGER_TIME": "30",
                                                  "GRACEFUL_CLOSE_LINGER_TIMEOUT": "5"}))
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
-    reader = ResponseReader(sock, time.monotonic() + 5)
-    reader.read_response()
-    assert reader.read_end() == "FIN"
-    stop = threading.Event()
-    trickler = threading.Thread(target=_trickle, args=(sock, stop), daemon=True)
-    trickler.start()
-    time.sleep(0.5)
-    elapsed = _seconds_to_exit(server, sig, timeout=20)
-    stop.set()
-    trickler.join(5)
-    sock.close()
+    elapsed = seconds_to_exit_while_trickling(server, sig)
     assert elapsed < 5.0, elapsed
-
-
-def _trickle(sock: socket.socket, stop: threading.Event) -> None:
-    while not stop.wait(0.2):
-        try:
-            sock.send(b"t")
-        except OSError:
-            return
 
 
 # ---- descriptors ---------------------------------------------------------------------------
@@ -252,11 +183,7 @@ def test_no_descriptor_leaks_after_lingering_resets_and_never_closing_clients(st
     for _ in range(3):
         early_response_upload(tgt, "/upload?size=1000000", 4 << 20, timeout=20)
         pipelined_after_close(tgt, f"/big?close=1&size={BIG}", timeout=20)
-    for _ in range(5):  # a client that resets mid-upload
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        sock.sendall(request_bytes("POST", "/upload", "x", content_length=1 << 20) + b"u" * 65536)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        sock.close()
+    resets_mid_upload(server.port, 5)  # clients that reset mid-upload
     holders = [threading.Thread(target=never_closing, args=(tgt,), kwargs={"hold": 1.0, "timeout": 5},
                                 daemon=True) for _ in range(5)]
     for holder in holders:

@@ -18,6 +18,7 @@ import pytest
 
 from graceful_close.diagnostics.launch import GUNICORN_WORKERS, ServerProcess, gunicorn_server
 from graceful_close.diagnostics.wire import ResponseReader, request_bytes
+from tests.helpers import idle_keepalive_clients, seconds_to_exit
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.apps_gunicorn:app"
@@ -32,30 +33,11 @@ def _server(kind: str, ours: bool, *args: str) -> ServerProcess:
                            args=["--pythonpath", str(REPO), *threads, *args])
 
 
-def _idle_clients(port: int, count: int) -> list[socket.socket]:
-    """Clients that make one request, read the response and then stay idle without closing
-    (a requests Session or a proxy's pool between requests)."""
-    clients = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        sock.sendall(request_bytes("GET", "/", "x"))
-        ResponseReader(sock, time.monotonic() + 15).read_response()
-        clients.append(sock)
-    return clients
-
-
-def _seconds_to_exit(server: ServerProcess, sig: int) -> float:
-    started = time.monotonic()
-    server.signal(sig)
-    assert server.wait(40) is not None, server.log_text()
-    return time.monotonic() - started
-
-
 def _sigterm_with_idle_clients(start_server, kind: str, ours: bool) -> float:
     server = start_server(_server(kind, ours))
-    clients = _idle_clients(server.port, 3)
+    clients = idle_keepalive_clients(server.port, 3, timeout=15)
     time.sleep(0.3)  # every response acknowledged
-    seconds = _seconds_to_exit(server, signal.SIGTERM)
+    seconds = seconds_to_exit(server, signal.SIGTERM)
     for sock in clients:
         sock.close()
     return seconds
@@ -77,7 +59,7 @@ def _restart_gap(start_server, kind: str, ours: bool) -> float:
     connection is answered again (one worker: the arbiter replaces it after it exits)."""
     server = start_server(_server(kind, ours, "--max-requests", "4"))
     time.sleep(0.5)  # the launcher's readiness request is counted
-    clients = _idle_clients(server.port, 2)
+    clients = idle_keepalive_clients(server.port, 2, timeout=15)
     time.sleep(0.3)
     with socket.create_connection(("127.0.0.1", server.port), timeout=15) as last:
         last.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
@@ -148,7 +130,7 @@ def _quick_stop_seconds(start_server, kind: str, ours: bool, sig: int) -> float:
     thread = threading.Thread(target=trickle, daemon=True)
     thread.start()
     time.sleep(1.5)
-    seconds = _seconds_to_exit(server, sig)
+    seconds = seconds_to_exit(server, sig)
     stop.set()
     thread.join(5)
     sock.close()
