@@ -28,7 +28,7 @@ from gunicorn.workers import gasgi
 from .. import metrics
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine, nothing_at_stake
-from ..settings import Settings, SettingsError, current_settings
+from ..settings import Settings, current_settings, startup_settings
 from ._compat import check_asgi_worker
 
 __all__ = ["ASGIWorker"]
@@ -135,14 +135,8 @@ class ASGIWorker(gasgi.ASGIWorker):
         """Runs in the master at start-up: refuse to start, in one line, when we route nothing."""
         problem = check_asgi_worker()
         if problem is not None:
-            print(f"graceful-close: ASGIWorker cannot run on {problem}", file=sys.stderr, flush=True)
-            sys.exit(1)
-        try:
-            settings = current_settings()
-        except SettingsError as exc:
-            print(exc, file=sys.stderr, flush=True)
-            sys.exit(1)
-        log.info(settings.describe())
+            raise SystemExit(f"graceful-close: ASGIWorker cannot run on {problem}")
+        log.info(startup_settings().describe())
         super().check_config(cfg, log)
 
     def init_process(self) -> None:

@@ -27,7 +27,7 @@ from gunicorn.workers import ggevent
 from .. import metrics
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.gevent import GeventDrainEngine, at_stake
-from ..settings import Settings, SettingsError, current_settings
+from ..settings import Settings, current_settings, startup_settings
 from ._compat import check_gevent_worker
 
 __all__ = ["GeventWorker"]
@@ -58,13 +58,8 @@ class GeventWorker(ggevent.GeventWorker):
         """Runs in the master at start-up: refuse to start, in one line, when we route nothing."""
         problem = check_gevent_worker()
         if problem is not None:
-            print(f"graceful-close: GeventWorker cannot run on {problem}", file=sys.stderr, flush=True)
-            raise SystemExit(1)
-        try:
-            log.info(current_settings().describe())
-        except SettingsError as exc:
-            print(exc, file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+            raise SystemExit(f"graceful-close: GeventWorker cannot run on {problem}")
+        log.info(startup_settings().describe())
 
     def init_process(self) -> None:
         from . import _log_to_gunicorn

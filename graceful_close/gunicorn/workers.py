@@ -30,7 +30,7 @@ from gunicorn.workers import base, gthread, sync
 from .. import metrics
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.poll import PollDrainEngine
-from ..settings import Settings, SettingsError, current_settings
+from ..settings import Settings, current_settings, startup_settings
 from . import _compat
 
 __all__ = ["SyncWorker", "ThreadWorker"]
@@ -86,14 +86,8 @@ class _GracefulWorker(base.Worker):
         stops gunicorn with one line."""
         problem = _compat.check()
         if problem is not None:
-            print(problem, file=sys.stderr, flush=True)
-            sys.exit(1)
-        try:
-            settings = current_settings()
-        except SettingsError as exc:
-            print(exc, file=sys.stderr, flush=True)
-            sys.exit(1)
-        log.info(settings.describe())
+            raise SystemExit(problem)
+        log.info(startup_settings().describe())
         parent = getattr(super(), "check_config", None)
         if parent is not None:
             parent(cfg, log)
