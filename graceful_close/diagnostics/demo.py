@@ -137,6 +137,18 @@ def _normal_request(port: int) -> float:
     return timed_request(Target("127.0.0.1", port), NORMAL_TIMEOUT)
 
 
+def _reason(exc: Exception) -> str:
+    """One short line for the table: a server that did not start says why in the last line
+    of its log (e.g. a missing extra), not with its whole command line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    reason = lines[0]
+    if reason.startswith("server did not start") and len(lines) > 1:
+        reason = f"server did not start: {lines[-1]}"
+    return reason if len(reason) <= 100 else reason[:99] + "…"
+
+
 def worst_stall(port: int) -> tuple[float, int]:
     """While never-closing clients arrive, a normal client's slowest request (s) and count."""
     target = Target("127.0.0.1", port)
@@ -177,8 +189,7 @@ def run_one(server: DemoServer) -> DemoRow:
                                            drain_time=DRAIN_WINDOW, timeout=10.0))
         row.worst_stall, row.normal_requests = worst_stall(proc.port)
     except Exception as exc:
-        first = str(exc).strip().splitlines()
-        row.error = first[0] if first else type(exc).__name__
+        row.error = _reason(exc)
     finally:
         # SIGTERM: both servers stop gracefully and quickly (SIGINT makes a gunicorn
         # running uvicorn workers wait out its graceful timeout).
