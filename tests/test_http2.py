@@ -41,12 +41,24 @@ def _exchange(client: httpx.Client, base: str) -> list[tuple[str, int, int]]:
     return [(r.http_version, r.status_code, len(r.content)) for r in answers]
 
 
+# gunicorn 27's threaded HTTP/2 sometimes ends a connection carrying concurrent TLS streams with
+# GOAWAY(PROTOCOL_ERROR): measured 1 exchange in 25 on stock gthread and 1 in 25 on ours
+# (--threads 2). Both classes get the same retries, so a difference still fails the test.
+ATTEMPTS = 3
+
+
 def _served(server: ServerProcess, ca: trustme.CA | None) -> list[tuple[str, int, int]]:
     scheme = "https" if ca is not None else "http"
     verify = trusting(ca) if ca is not None else False
-    # http1=False over http:// is prior knowledge (h2c); over https:// ALPN offers h2 only.
-    with httpx.Client(http1=False, http2=True, verify=verify, timeout=10) as client:
-        return _exchange(client, f"{scheme}://127.0.0.1:{server.port}")
+    for attempt in range(ATTEMPTS):
+        # http1=False over http:// is prior knowledge (h2c); over https:// ALPN offers h2 only.
+        with httpx.Client(http1=False, http2=True, verify=verify, timeout=10) as client:
+            try:
+                return _exchange(client, f"{scheme}://127.0.0.1:{server.port}")
+            except httpx.RemoteProtocolError:
+                if attempt == ATTEMPTS - 1:
+                    raise
+    raise AssertionError("unreachable")
 
 
 @pytest.mark.parametrize("mode", ["h2c", "tls-alpn"])
