@@ -47,7 +47,6 @@ class KeepAliveDecision(NamedTuple):
         return value.encode("latin-1")
 
 
-
 def _nginx_msie6(ua: str) -> bool:
     """nginx's msie6 test: 'MSIE 4.', 'MSIE 5.', or 'MSIE 6.' without 'SV1' after it; not Opera."""
     at = ua.find("MSIE ")
