@@ -60,11 +60,17 @@ class Settings:
     # Send "Keep-Alive: timeout=..., max=..." on responses that keep the connection.
     # Off by default, like nginx: clients do not need it, and it costs per response.
     keepalive_header: bool = False
+    # ---- issue 20: the stop rule (core.linger.stop_deadline) ----
+    # When the server stops gracefully, a lingering connection with bytes at stake ends
+    # this long after its half-close (Apache's short linger of a dying process, 2 s), and
+    # never after the server's own graceful timeout. 0: every one ends at the stop.
+    stop_linger: float = 2.0
 
     def __post_init__(self) -> None:
         _check_seconds("linger_time", self.linger_time, allow_zero=False)
         _check_seconds("linger_timeout", self.linger_timeout, allow_zero=False)
         _check_seconds("keepalive_time", self.keepalive_time, allow_zero=True)
+        _check_seconds("stop_linger", self.stop_linger, allow_zero=True)  # issue 20
         if self.linger_max_bytes is not None:
             _check_int("linger_max_bytes", self.linger_max_bytes, 1, 2**62, "None or an integer >= 1")
         _check_int("max_lingering", self.max_lingering, 1, 10_000_000, "an integer from 1 to 10000000")
