@@ -66,8 +66,8 @@ class Loop:
     def lingering(self) -> int:
         return self.engine.lingering
 
-    def begin_stop(self) -> None:
-        self.defer(self.engine.begin_stop)
+    def begin_stop(self, grace: float = 30.0) -> None:
+        self.defer(self.engine.begin_stop, grace)
 
     def stop(self, grace: float) -> None:
         self.defer(self.engine.finish, grace)
@@ -227,27 +227,60 @@ def test_young_evicted_socket_is_reset_not_orphaned(listener):
     engine.stop(1)
 
 
-def test_stop_closes_quiet_connections_at_once_and_lingers_where_bytes_are_at_stake(listener):
-    """Issue 12 item 1: at a stop, a connection whose response is acknowledged and that
-    sent nothing more closes at once (plain close: the client already had our FIN);
-    one whose client is still sending keeps lingering."""
-    engine, counters = make(linger_time=30, linger_timeout=30)
+def _stuck(listener) -> tuple[socket.socket, socket.socket, int]:
+    """A connection whose client stopped reading: response bytes wait unacknowledged."""
+    client, server = pair(listener)
+    server.setblocking(False)
+    sent = 0
+    try:
+        while sent < 20_000_000:
+            sent += server.send(b"D" * 65536)
+    except BlockingIOError:
+        pass
+    return client, server, sent
+
+
+def test_stop_rule_closes_what_has_nothing_at_stake_and_gives_the_rest_stop_linger(listener):
+    """Issue 20, the stop rule: at a graceful stop a connection whose response is
+    acknowledged and with nothing unread closes at once (plain close: the client had our
+    FIN), whether its client sent nothing (issue 12) or drained an upload and went quiet
+    (used to linger linger_timeout); one with bytes at stake (here response bytes the
+    client has not acknowledged) ends stop_linger after its half-close, not at the grace."""
+    engine, counters = make(linger_time=30, linger_timeout=30, stop_linger=1.0)
     quiet_client, quiet = pair(listener)
-    busy_client, busy = pair(listener)
+    drained_client, drained = pair(listener)
+    stuck_client, stuck, sent = _stuck(listener)
     quiet.sendall(b"response")
-    engine.hand_off(quiet)
-    engine.hand_off(busy)
-    assert wait_until(lambda: engine.lingering == 2, 5)
-    busy_client.sendall(b"x" * 10_000)  # an upload the app never read
+    for sock in (quiet, drained, stuck):
+        engine.hand_off(sock)
+    assert wait_until(lambda: engine.lingering == 3, 5)
+    drained_client.sendall(b"x" * 10_000)  # an upload the app never read
     time.sleep(0.3)  # read and discarded by the loop
-    engine.begin_stop()
-    assert wait_until(lambda: counters.ended_shutdown == 1, 5)
+    handed_off = time.monotonic()
+    engine.begin_stop(30)
+    assert wait_until(lambda: counters.ended_shutdown == 2, 5)
     assert engine.lingering == 1 and counters.aborted_with_rst == 0
+    assert wait_until(lambda: engine.lingering == 0, 10)
+    assert time.monotonic() - handed_off < 10  # stop_linger (1 s), not the grace (30 s)
+    assert counters.ended_shutdown == 3 and counters.bytes_discarded == 10_000
     assert read_all(quiet_client) == (len(b"response"), "FIN")
-    busy_client.close()
-    assert wait_until(lambda: counters.ended_eof == 1 and engine.lingering == 0, 5)
-    assert counters.bytes_discarded == 10_000
-    quiet_client.close()
+    assert read_all(stuck_client, timeout=20) == (sent, "FIN")  # the close lost nothing
+    for sock in (quiet_client, drained_client, stuck_client):
+        sock.close()
+    engine.stop(1)
+
+
+def test_stop_never_lingers_beyond_the_grace(listener):
+    engine, counters = make(linger_time=30, linger_timeout=30, stop_linger=30)
+    client, server, sent = _stuck(listener)
+    engine.hand_off(server)
+    assert wait_until(lambda: engine.lingering == 1, 5)
+    started = time.monotonic()
+    engine.begin_stop(0.5)
+    assert wait_until(lambda: engine.lingering == 0, 5)
+    assert time.monotonic() - started < 5 and counters.ended_shutdown == 1
+    assert read_all(client, timeout=20) == (sent, "FIN")
+    client.close()
     engine.stop(1)
 
 

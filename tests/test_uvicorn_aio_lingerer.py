@@ -24,6 +24,8 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok
 
 
 class Answering(asyncio.Protocol):
+    response = RESPONSE
+
     def __init__(self, engine: AsyncioDrainEngine) -> None:
         self.engine = engine
 
@@ -31,7 +33,7 @@ class Answering(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        self.transport.write(RESPONSE)
+        self.transport.write(self.response)
         self.engine.hand_off(self.transport)
         assert self.transport.get_protocol() is not self  # the engine owns it now
 
@@ -140,8 +142,8 @@ def test_shutdown_ends_lingering_connections_at_its_deadline() -> None:
     async def client(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         assert await reader.read(65536) == RESPONSE
-        engine.begin_shutdown(0.1)
-        writer.write(b"t")  # keeps the idle deadline away
+        writer.write(b"t")  # unread when the stop begins: at stake
+        engine.begin_stop(0.1)
         await asyncio.sleep(0.25)
         assert engine.lingering == 0
         writer.close()
@@ -217,8 +219,8 @@ def test_shutdown_closes_at_once_and_plainly_what_has_nothing_at_stake() -> None
             assert await reader.read(65536) == RESPONSE
         await asyncio.sleep(0.2)  # everything acked, our FIN included
         busy.write(b"x" * 100)  # unread by the time the stop begins? keep it busy
-        engine.begin_shutdown(1.0)
-        engine.begin_shutdown(1.0)  # uvicorn calls it once per connection: idempotent
+        engine.begin_stop(1.0)
+        engine.begin_stop(1.0)  # uvicorn calls it once per connection: idempotent
         await asyncio.sleep(0.1)
         assert engine.lingering == 1  # the busy one
         sock = quiet.get_extra_info("socket")
@@ -230,3 +232,38 @@ def test_shutdown_closes_at_once_and_plainly_what_has_nothing_at_stake() -> None
 
     counters = run(short(linger_timeout=5.0, linger_time=10.0), client)
     assert counters.ended_shutdown == 2
+
+
+class BigAnswering(Answering):
+    response = b"D" * 8_000_000  # more than the socket buffers hold: unacknowledged bytes
+
+
+def test_stop_gives_what_is_at_stake_stop_linger_from_its_half_close() -> None:
+    """Issue 20: a client that stopped reading its response (bytes unacknowledged: at
+    stake) ends stop_linger after the hand-off, not at the stop's limit; the one with
+    nothing at stake closes at once; the stop ends with SHUTDOWN, nothing is reset."""
+    counters = Counters()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        engine = AsyncioDrainEngine(loop, Settings(linger_timeout=30, linger_time=60,
+                                                   stop_linger=0.5), counters)
+        big = await loop.create_server(lambda: BigAnswering(engine), "127.0.0.1", 0)
+        small = await loop.create_server(lambda: Answering(engine), "127.0.0.1", 0)
+        stuck_reader, stuck = await _request(big.sockets[0].getsockname()[1])
+        quiet_reader, quiet = await _request(small.sockets[0].getsockname()[1])
+        assert await quiet_reader.read(65536) == RESPONSE
+        await asyncio.sleep(0.2)  # handed off, and everything of the quiet one acknowledged
+        assert engine.lingering == 2
+        engine.begin_stop(30)
+        await asyncio.sleep(0.05)
+        assert engine.lingering == 1 and counters.ended_shutdown == 1
+        await asyncio.sleep(0.6)
+        assert engine.lingering == 0 and counters.ended_shutdown == 2
+        assert counters.aborted_with_rst == 0
+        for writer in (stuck, quiet):
+            writer.close()
+        for server in (big, small):
+            server.close()
+
+    asyncio.run(main())

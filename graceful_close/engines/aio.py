@@ -47,10 +47,8 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 # and sweeps are at least this far apart however many connections linger.
 SWEEP_INTERVAL = 0.1
 
-# After the shutdown deadline, connections whose final close has not completed
-# (a client that stopped reading, a TLS peer that never answers close_notify)
-# get this long before they are aborted: the process is about to exit and
-# would drop their buffers anyway.
+# After a stop's limit, connections whose final close has not completed get this long
+# before they are aborted (AsyncioDrainEngine._abort_stuck_closes).
 SHUTDOWN_FORCE_GRACE = 1.0
 
 
@@ -102,10 +100,20 @@ class LingeringConnection(asyncio.Protocol):
     # ---- what a server calls on its open connections ----------------------------------
 
     def shutdown(self) -> None:
-        """uvicorn's Server.shutdown() calls this on every open connection."""
-        self.engine.begin_shutdown(self.engine.settings.linger_time)
+        """uvicorn's Server.shutdown() calls this on every open connection. The adapter's
+        own protocols begin the stop with uvicorn's limit first; this is the fallback."""
+        self.engine.begin_stop(self.engine.settings.linger_time)
 
     # ---- close -------------------------------------------------------------------
+
+    def _at_stake(self) -> bool:
+        """Could closing now lose a byte (core.linger.bytes_at_stake)? Unknown is at stake."""
+        if self.transport.get_write_buffer_size() > 0:
+            return True
+        fd = _fileno(self.transport)
+        # TLS: no half-close, so no FIN of ours in the count.
+        return fd is None or bytes_at_stake(unread_bytes(fd), unacked_bytes(fd),
+                                            fin_sent=not self.tls)
 
     def _safe_to_abort(self) -> bool:
         if self.transport.get_write_buffer_size() > 0:
@@ -131,8 +139,9 @@ class AsyncioDrainEngine:
         self._tls_abort_due: deque[tuple[float, LingeringConnection]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
-        self._shutdown_at: float | None = None
-        self._shutdown_timer: asyncio.TimerHandle | None = None
+        # The server's stop (begin_stop): nothing lingers past this loop time.
+        self._stop_limit: float | None = None
+        self._stop_timer: asyncio.TimerHandle | None = None
 
     @property
     def lingering(self) -> int:
@@ -140,7 +149,7 @@ class AsyncioDrainEngine:
 
     @property
     def stopping(self) -> bool:
-        return self._shutdown_at is not None
+        return self._stop_limit is not None
 
     # ---- entry point -----------------------------------------------------------------
 
@@ -166,6 +175,11 @@ class AsyncioDrainEngine:
         transport.set_protocol(conn)
         self.counters.started()
         lingering[conn] = None
+        if self._stop_limit is not None:  # handed off during the stop: bytes are at stake
+            stop_ending = conn.state.on_stop(conn.state.started, self._stop_limit, at_stake=True)
+            if stop_ending is not None:
+                self._finish(conn, stop_ending)
+                return
         if not tls and transport.can_write_eof():
             try:
                 transport.write_eof()  # FIN goes out once the queued response is flushed
@@ -180,6 +194,8 @@ class AsyncioDrainEngine:
             pass
         if self._sweep is None:
             self._arm(conn.state.deadline)
+        elif self._stop_limit is not None:
+            self._rearm()
 
     # ---- the one timer ---------------------------------------------------------------
 
@@ -187,36 +203,60 @@ class AsyncioDrainEngine:
         when = max(when, self._sweep_at + SWEEP_INTERVAL)
         self._sweep = self.loop.call_at(when, self._on_sweep)
 
+    def _rearm(self) -> None:
+        """Deadlines moved closer (a stop): the sweep runs at the earliest one."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        when = self._next_deadline()
+        if when is not None:
+            self._arm(when)
+
+    def _next_deadline(self) -> float | None:
+        due = self._tls_abort_due
+        deadlines = [due[0][0]] if due else []
+        lingering = self._lingering
+        if lingering:
+            deadlines.append(next(iter(lingering)).state.deadline)
+            if self._stop_limit is not None:  # a stop's deadlines come in no particular order
+                deadlines.append(min(conn.state.deadline for conn in lingering))
+        return min(deadlines) if deadlines else None
+
     def _on_sweep(self) -> None:
         now = self._sweep_at = self.loop.time()
         self._sweep = None
         lingering = self._lingering
         while lingering:
             conn = next(iter(lingering))
-            state = conn.state
-            if state.deadline > now:
+            if conn.state.deadline > now:
                 break
-            if conn.transport.get_write_buffer_size() > 0:
-                # Still flushing the response to a client that reads it: that is activity,
-                # so only linger_time bounds it.
-                ending = state.on_data(0, now)
-                if ending is None:
-                    lingering.move_to_end(conn)  # its deadline is now + linger_timeout
-                    continue
-            else:
-                ending = state.on_timer(now)
-                assert ending is not None  # its deadline passed
-            self._finish(conn, ending)
+            self._end_due(conn, now)
+        if self._stop_limit is not None:
+            # During a stop (stop_linger, 2 s at most) every sweep looks at every connection.
+            for conn in [conn for conn in lingering if conn.state.deadline <= now]:
+                self._end_due(conn, now)
         due = self._tls_abort_due
         while due and due[0][0] <= now:
             conn = due.popleft()[1]
             if conn in self._closing and conn._safe_to_abort() and _abort_with_rst(conn.transport):
                 self.counters.count("aborted_with_rst")
-        deadlines = [due[0][0]] if due else []
-        if lingering:
-            deadlines.append(next(iter(lingering)).state.deadline)
-        if deadlines:
-            self._arm(min(deadlines))
+        when = self._next_deadline()
+        if when is not None:
+            self._arm(when)
+
+    def _end_due(self, conn: LingeringConnection, now: float) -> None:
+        """A connection whose deadline has passed ends, unless its response is still flushing
+        to a client that reads it: that is activity, so only linger_time bounds it."""
+        state = conn.state
+        if conn.transport.get_write_buffer_size() > 0:
+            ending = state.on_data(0, now)
+            if ending is None:
+                self._lingering.move_to_end(conn)  # its deadline is now + linger_timeout
+                return
+        else:
+            ending = state.on_timer(now)
+            assert ending is not None  # its deadline passed
+        self._finish(conn, ending)
 
     # ---- ending one connection -------------------------------------------------------
 
@@ -242,49 +282,46 @@ class AsyncioDrainEngine:
 
     # ---- stop ------------------------------------------------------------------------
 
-    def begin_shutdown(self, grace: float) -> None:
-        """The server is stopping: whatever lingers `grace` seconds from now ends then.
-
-        `grace` is capped at linger_time; a later call can only bring the end closer.
-        """
-        grace = max(0.0, min(grace, self.settings.linger_time))
-        if self._shutdown_at is None:
-            # Once per stop (uvicorn calls this for every open connection): what has
-            # nothing at stake (the client has all we sent, our FIN included, and sent
-            # nothing unread) ends now with a plain close, never RST (the client may not
-            # have read it all yet): a stop does not wait for it, as stock has closed it
-            # already (issue 12 item 1).
-            for conn in list(self._lingering):
-                if nothing_at_stake(conn.transport):
-                    ending = conn.state.on_quiet_shutdown()
-                    assert ending is not None
-                    self._finish(conn, ending)
-        at = self.loop.time() + grace
-        if self._shutdown_at is not None and self._shutdown_at <= at:
+    def begin_stop(self, grace: float) -> None:
+        """The server stops gracefully (grace 0: quickly): the stop rule of core.linger for
+        every lingering connection, none beyond `grace` seconds from now. A later call can
+        only bring the end closer (uvicorn calls it once per open connection)."""
+        now = self.loop.time()
+        limit = now + max(0.0, grace)
+        if self._stop_limit is not None and self._stop_limit <= limit:
             return
-        self._shutdown_at = at
-        if self._shutdown_timer is not None:
-            self._shutdown_timer.cancel()
-        self._shutdown_timer = self.loop.call_at(at, self._end_for_shutdown)
-
-    def _end_for_shutdown(self) -> None:
-        shutdown_at = self._shutdown_at
-        assert shutdown_at is not None
+        self._stop_limit = limit
         for conn in list(self._lingering):
-            if conn.state.started <= shutdown_at:
-                ending = conn.state.on_shutdown()
-                assert ending is not None
+            state = conn.state
+            ending = state.on_stop(now, limit, state.stopping or conn._at_stake())
+            if ending is not None:
                 self._finish(conn, ending)
-        self._shutdown_timer = self.loop.call_later(SHUTDOWN_FORCE_GRACE, self._abort_stuck_closes)
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        self._stop_timer = self.loop.call_at(limit, self._end_for_stop)
+        self._rearm()
+
+    def _end_for_stop(self) -> None:
+        """The limit: whatever still lingers ends now (a response still flushing included)."""
+        limit = self._stop_limit
+        assert limit is not None
+        for conn in list(self._lingering):
+            ending = conn.state.on_shutdown()
+            assert ending is not None
+            self._finish(conn, ending)
+        self._stop_timer = self.loop.call_later(SHUTDOWN_FORCE_GRACE, self._abort_stuck_closes)
 
     def _abort_stuck_closes(self) -> None:
-        shutdown_at = self._shutdown_at
-        assert shutdown_at is not None
+        """Closes that did not complete SHUTDOWN_FORCE_GRACE after the limit (a client that
+        stopped reading, a TLS peer that never answers close_notify) are aborted: the
+        process is about to exit and would drop their buffers anyway."""
+        limit = self._stop_limit
+        assert limit is not None
         for conn, since in list(self._closing.items()):
-            if since <= shutdown_at:
+            if since <= limit:
                 conn.transport.abort()
-        self._shutdown_at = None  # done; a later server on this loop may stop again
-        self._shutdown_timer = None
+        self._stop_limit = None  # done; a later server on this loop may stop again
+        self._stop_timer = None
 
 
 def nothing_at_stake(transport: asyncio.BaseTransport) -> bool:

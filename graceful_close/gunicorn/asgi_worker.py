@@ -174,25 +174,25 @@ class ASGIWorker(gasgi.ASGIWorker):
         await super()._shutdown()
         engine = self.drain_engine
         grace = self._stop_grace()
-        engine.begin_shutdown(grace)
-        # The loop closes when this returns: let what lingers end first (the engine ends
-        # every lingering connection at `grace` and aborts stuck closes a little later).
+        engine.begin_stop(grace)
+        # The loop closes when this returns: let what lingers end first (the stop rule ends
+        # most at once, the rest by stop_linger, every one by `grace`; stuck closes are
+        # aborted a little later).
         deadline = self.loop.time() + grace + SHUTDOWN_FORCE_GRACE
         while engine.lingering and self.loop.time() < deadline:
             if self._quick_shutdown:
-                engine.begin_shutdown(0.0)
+                engine.begin_stop(0.0)
             self.notify()
             await asyncio.sleep(0.05)
         await asyncio.sleep(0)  # closes requested by the engine's last sweep go out
 
     def _stop_grace(self) -> float:
-        """How long lingering connections may still run once gasgi's stop is done."""
+        """How long from now lingering connections may still run, at most, once gasgi's stop
+        is done (the stop rule of core.linger ends most of them much sooner)."""
         if self._quick_shutdown:
             return 0.0
-        linger_time = self.graceful_settings.linger_time
-        if self._term_at is not None:
-            # gunicorn's arbiter kills the worker at graceful_timeout: keep a second for the exit.
-            left = self.cfg.graceful_timeout - (self.loop.time() - self._term_at) - 1.0
-            return max(0.0, min(linger_time, left))
-        # max_requests restart or lost parent: the replacement starts when we exit.
-        return min(linger_time, self.graceful_settings.linger_timeout)
+        now = self.loop.time()
+        if self._term_at is None:  # max_requests restart or lost parent: the stop begins now
+            self._term_at = now
+        # gunicorn's arbiter kills the worker at graceful_timeout: keep a second for the exit.
+        return max(0.0, self.cfg.graceful_timeout - (now - self._term_at) - 1.0)

@@ -139,10 +139,11 @@ class GeventWorker(ggevent.GeventWorker):
             metrics.flush_at_worker_exit()
 
     def _stop_grace(self) -> float:
+        """How long from now lingering sockets may still run, at most, once the worker loop
+        has ended (the stop rule of core.linger ends most of them much sooner)."""
         if self._quick_exit:
             return 0.0
-        linger_time = self.graceful_settings.linger_time
-        if self._term_at is not None:
-            left = self.cfg.graceful_timeout - (time.monotonic() - self._term_at) - STOP_MARGIN
-            return max(0.0, min(linger_time, left))
-        return min(linger_time, self.graceful_settings.linger_timeout)
+        now = time.monotonic()
+        if self._term_at is None:  # max_requests restart or lost parent: the stop begins now
+            self._term_at = now
+        return max(0.0, self.cfg.graceful_timeout - (now - self._term_at) - STOP_MARGIN)

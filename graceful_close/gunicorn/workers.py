@@ -125,16 +125,15 @@ class _GracefulWorker(base.Worker):
             metrics.flush_at_worker_exit()
 
     def _stop_grace(self) -> float:
-        """How long lingering sockets with bytes at stake may still run once the worker
-        loop has ended (those with nothing at stake close at once)."""
+        """How long from now lingering sockets may still run, at most, once the worker
+        stops (the stop rule of core.linger ends most of them much sooner): what
+        graceful_timeout leaves of the stop, less the margin for the exit itself."""
         if self._quick_exit:
             return 0.0
-        if self._term_at is not None:
-            left = self.cfg.graceful_timeout - (time.monotonic() - self._term_at) - STOP_MARGIN
-            return max(0.0, min(self.graceful_settings.linger_time, left))
-        # max_requests restart or lost parent: nobody waits for us, but the replacement
-        # worker starts only when this one exits, so keep it short.
-        return self.graceful_settings.linger_timeout
+        now = time.monotonic()
+        if self._term_at is None:  # max_requests restart or lost parent: the stop begins now
+            self._term_at = now
+        return max(0.0, self.cfg.graceful_timeout - (now - self._term_at) - STOP_MARGIN)
 
 
 def _out_of_descriptors(exc: OSError, log: Any) -> bool:
@@ -347,7 +346,7 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
         if drain.lingering:
             drain.sweep(now)
         if not self.alive and not drain.stopping:
-            drain.begin_stop()
+            drain.begin_stop(self._stop_grace())
 
     def accept(self, listener: socket.socket) -> None:
         try:

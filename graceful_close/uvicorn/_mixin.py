@@ -224,7 +224,7 @@ class LingeringCloseMixin(_Base):
                     self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def shutdown(self) -> None:
-        drain_engine(self.loop).begin_shutdown(_shutdown_grace(self.config))
+        drain_engine(self.loop).begin_stop(_shutdown_grace(self.config))
         if self._gc_done:
             return
         if (self.cycle is None or self.timeout_keep_alive_task is not None) and nothing_at_stake(
