@@ -53,7 +53,13 @@ class Settings:
     linger_timeout: float = 5.0
     linger_max_bytes: int | None = None
     max_lingering: int = 10000
-    abort_on_timeout: bool = True
+    # ---- issue 20: a deadline ends with FIN ----
+    # false (nginx's reset_timedout_connection off, Apache): a deadline closes plainly; the
+    # client had our FIN since the half-close, and the socket waits for the client's FIN in
+    # FIN_WAIT_2, held by the kernel (net.ipv4.tcp_fin_timeout), not by us. true: RST once
+    # the client acknowledged everything (SIOCOUTQ), which frees the socket at once; but
+    # acknowledged is not read, and a client stack may drop unread bytes on RST.
+    abort_on_timeout: bool = False
     keepalive_requests: int = 1000
     keepalive_time: float = 3600.0
     nokeepalive_user_agents: tuple[str, ...] = ("legacy",)

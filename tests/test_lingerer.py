@@ -148,8 +148,23 @@ def test_idle_and_total_deadlines(listener):
     assert wait_until(lambda: counters.ended_idle_timeout == 1, 5)
     assert wait_until(lambda: counters.ended_total_timeout == 1, 1.5 + 5)
     stop.set()
-    # Both clients had acknowledged everything, so the engine closed them with RST.
-    assert counters.aborted_with_rst == 2
+    # abort_on_timeout is off by default (issue 20): a deadline closes plainly, and the
+    # silent client, which had our FIN, sees nothing more (no RST).
+    assert counters.aborted_with_rst == 0
+    assert silent.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    engine.stop(1)
+
+
+def test_deadlines_reset_with_abort_on_timeout(listener):
+    """The opt-in: once the client acknowledged everything, a deadline ends with RST,
+    which frees the socket at once instead of a FIN_WAIT_2 orphan."""
+    engine, counters = make(linger_time=30, linger_timeout=0.3, abort_on_timeout=True)
+    silent, server = pair(listener)
+    engine.hand_off(server)
+    assert wait_until(lambda: counters.ended_idle_timeout == 1, 5)
+    assert counters.aborted_with_rst == 1
+    assert wait_until(lambda: silent.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0, 5)
+    silent.close()
     engine.stop(1)
 
 
@@ -210,10 +225,11 @@ def test_peer_already_reset(listener):
 
 
 def test_young_evicted_socket_is_reset_not_orphaned(listener):
-    """Evicted before the client acked our FIN (a delayed ACK): only the FIN is outstanding
+    """With abort_on_timeout=true: evicted before the client acked our FIN (a delayed ACK): only the FIN is outstanding
     (SIOCOUTQ 1), so RST loses nothing and spares a 60 s FIN_WAIT_2 orphan. Counting the
     FIN as data (outstanding must be 0) made this close a plain one."""
-    engine, counters = make(max_lingering=1, linger_time=30, linger_timeout=30)
+    engine, counters = make(max_lingering=1, linger_time=30, linger_timeout=30,
+                            abort_on_timeout=True)  # the opt-in (issue 20)
     first_client, first = pair(listener)
     second_client, second = pair(listener)
     first.sendall(b"response")

@@ -14,7 +14,7 @@ from graceful_close.settings import Settings, SettingsError
 def test_defaults_follow_nginx():
     s = Settings()
     assert (s.linger_time, s.linger_timeout, s.linger_max_bytes) == (30.0, 5.0, None)
-    assert (s.max_lingering, s.abort_on_timeout) == (10000, True)
+    assert (s.max_lingering, s.abort_on_timeout) == (10000, False)  # issue 20: FIN, like nginx
     assert (s.keepalive_requests, s.keepalive_time) == (1000, 3600.0)
     assert s.nokeepalive_user_agents == ("legacy",)
     assert s.stop_linger == 2.0  # Apache's short linger of a dying process (issue 20)

@@ -92,19 +92,23 @@ def test_client_close_is_the_clean_end() -> None:
     assert counters.bytes_discarded == 14000
 
 
-def test_silent_client_is_reset_after_the_idle_deadline_once_acked() -> None:
+@pytest.mark.parametrize("abort", [False, True], ids=["default", "abort_on_timeout"])
+def test_silent_client_after_the_idle_deadline(abort: bool) -> None:
+    """Default (issue 20): the deadline closes plainly; the client keeps the FIN it had and
+    sees no RST. abort_on_timeout=true: RST once everything is acknowledged."""
     async def client(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         data = await reader.read(65536)
         assert data == RESPONSE
         assert await reader.read(1) == b""  # our FIN, right behind the response
         await asyncio.sleep(0.6)
+        assert engine.lingering == 0
         sock = writer.get_extra_info("socket")
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0  # the RST came
+        assert (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0) == abort  # RST?
         writer.close()
 
-    counters = run(short(), client)
-    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 1
+    counters = run(short(abort_on_timeout=abort), client)
+    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == int(abort)
 
 
 def test_trickling_client_ends_at_linger_time_and_byte_cap_ends_sooner() -> None:
@@ -198,13 +202,13 @@ def test_uvloop_transport_is_handed_off_too() -> None:
         writer.close()
         silent_reader, silent = await _request(port)
         assert await silent_reader.read(65536) == RESPONSE
-        await asyncio.sleep(0.7)  # idle deadline 0.3 s: RST once everything is acked
+        await asyncio.sleep(0.7)  # idle deadline 0.3 s: a plain close (the default)
         assert engine.lingering == 0
         silent.close()
         server.close()
 
     uvloop.run(main())
-    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 1
+    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 0
     assert counters.ended_eof == 1
 
 

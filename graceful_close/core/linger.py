@@ -73,6 +73,11 @@ class Ending:
     reason: EndReason
     abort_if_acked: bool  # RST allowed when the send queue is empty (nothing unacked)
 
+    @property
+    def forced(self) -> bool:
+        """Ended by us (a deadline, the byte cap, eviction, a stop), not by the client."""
+        return self.reason in _MAY_ABORT
+
     def aborts(self, unacked: int | None) -> bool:
         """Close with RST (SO_LINGER 0)? `unacked` is the send queue after our half-close."""
         return self.abort_if_acked and nothing_unacked(unacked, fin_sent=True)

@@ -135,8 +135,9 @@ class AsyncioDrainEngine:
         self._lingering: OrderedDict[LingeringConnection, None] = OrderedDict()
         # Ended, transport.close() called, connection_lost not yet: value = when it ended.
         self._closing: dict[LingeringConnection, float] = {}
-        # TLS connections that ignored our close_notify: RST once acked, at the given time.
-        self._tls_abort_due: deque[tuple[float, LingeringConnection]] = deque()
+        # TLS connections whose close_notify the client may ignore: (when the TCP connection
+        # closes too, the connection, RST allowed once everything is acknowledged).
+        self._tls_close_due: deque[tuple[float, LingeringConnection, bool]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
         # The server's stop (begin_stop): nothing lingers past this loop time.
@@ -213,7 +214,7 @@ class AsyncioDrainEngine:
             self._arm(when)
 
     def _next_deadline(self) -> float | None:
-        due = self._tls_abort_due
+        due = self._tls_close_due
         deadlines = [due[0][0]] if due else []
         lingering = self._lingering
         if lingering:
@@ -235,11 +236,17 @@ class AsyncioDrainEngine:
             # During a stop (stop_linger, 2 s at most) every sweep looks at every connection.
             for conn in [conn for conn in lingering if conn.state.deadline <= now]:
                 self._end_due(conn, now)
-        due = self._tls_abort_due
+        due = self._tls_close_due
         while due and due[0][0] <= now:
-            conn = due.popleft()[1]
-            if conn in self._closing and conn._safe_to_abort() and _abort_with_rst(conn.transport):
+            _, conn, abort = due.popleft()
+            if conn not in self._closing:
+                continue  # closed already: the client answered our close_notify
+            if abort and conn._safe_to_abort() and _abort_with_rst(conn.transport):
                 self.counters.count("aborted_with_rst")
+            elif conn.transport.get_write_buffer_size() == 0:
+                # A plain close of the TCP connection (FIN), instead of waiting for the
+                # client's close_notify until the loop's ssl_shutdown_timeout (30 s).
+                conn.transport.abort()
         when = self._next_deadline()
         if when is not None:
             self._arm(when)
@@ -272,10 +279,12 @@ class AsyncioDrainEngine:
                 transport.close()  # flushes what is queued, then closes (TLS: close_notify)
                 now = self.loop.time()
                 self._closing[conn] = now
-                if conn.tls and ending.abort_if_acked:
-                    # The client ignored our close_notify for linger_timeout: RST once it
-                    # has acknowledged everything, close_notify included.
-                    self._tls_abort_due.append((now + self.settings.linger_timeout, conn))
+                if conn.tls and ending.forced:
+                    # TLS has no half-close: if the client ignores our close_notify for
+                    # linger_timeout, the TCP connection closes too: plainly (FIN), or with
+                    # abort_on_timeout by RST once it acknowledged everything.
+                    self._tls_close_due.append((now + self.settings.linger_timeout, conn,
+                                                ending.abort_if_acked))
                     if self._sweep is None:
                         self._arm(now + self.settings.linger_timeout)
         self.counters.record_end(ending.reason, conn.state.discarded, aborted)
