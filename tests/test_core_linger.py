@@ -1,6 +1,7 @@
 """The sans-io linger state: deadlines, byte cap, and which endings may abort."""
 
 from graceful_close.core import Counters, EndReason, LingerState
+from graceful_close.core.descriptors import DescriptorBudget
 from graceful_close.core.linger import stop_deadline
 from graceful_close.settings import Settings
 
@@ -29,7 +30,8 @@ def test_idle_deadline_moves_with_data_but_total_does_not():
         assert state.deadline <= 30
     assert state.on_timer(29.9) is None
     ending = state.on_timer(30)
-    assert ending.reason is EndReason.TOTAL_TIMEOUT and ending.abort_if_acked
+    assert ending.reason is EndReason.TOTAL_TIMEOUT and ending.forced
+    assert not ending.abort_if_acked  # a deadline ends with FIN by default (issue 20)
 
 
 def test_idle_timeout():
@@ -55,7 +57,8 @@ def test_abort_disabled_by_setting():
 def test_error_and_eviction():
     assert LingerState(S, 0).on_error().reason is EndReason.ERROR
     assert not LingerState(S, 0).on_error().abort_if_acked
-    assert LingerState(S, 0).on_evict().abort_if_acked
+    assert not LingerState(S, 0).on_evict().abort_if_acked
+    assert LingerState(S.replace(abort_on_timeout=True), 0).on_evict().abort_if_acked
 
 
 def test_counters_add_up():
@@ -111,3 +114,23 @@ def test_stop_linger_zero_and_a_quick_stop_end_at_once():
 def test_stop_deadline_is_the_earlier_of_stop_linger_and_limit():
     assert stop_deadline(started=5, stop_linger=2, limit=100) == 7
     assert stop_deadline(started=5, stop_linger=2, limit=6) == 6
+
+
+# ---- the descriptor budget (issue 20) ------------------------------------------------------
+
+def test_descriptor_budget_keeps_a_reserve_and_frees_in_batches():
+    budget = DescriptorBudget(limit=64, in_use=14)  # 50 free: 3 kept in reserve
+    assert budget.capacity == 47 and budget.batch == 2
+    assert budget.to_free(46) == 0
+    assert budget.to_free(47) == 2  # at capacity: a small batch
+    assert budget.to_free(50) == 5  # beyond it (descriptors opened elsewhere): back under
+
+
+def test_descriptor_budget_of_a_large_limit_never_frees_in_normal_use():
+    budget = DescriptorBudget(limit=1 << 20, in_use=20)
+    assert budget.to_free(10_000) == 0 and budget.batch == 32
+
+
+def test_descriptor_budget_of_a_tiny_limit_still_works():
+    budget = DescriptorBudget(limit=8, in_use=10)  # already over: one connection at a time
+    assert budget.capacity == 1 and budget.to_free(0) == 0 and budget.to_free(1) == 1
