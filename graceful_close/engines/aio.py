@@ -289,6 +289,19 @@ class AsyncioDrainEngine:
                         self._arm(now + self.settings.linger_timeout)
         self.counters.record_end(ending.reason, conn.state.discarded, aborted)
 
+    def evict(self, count: int) -> int:
+        """The process is short of descriptors (core.descriptors): end up to `count`
+        lingering connections, the least recently active first; how many ended."""
+        ended = 0
+        lingering = self._lingering
+        while ended < count and lingering:
+            conn = next(iter(lingering))
+            ending = conn.state.on_evict()
+            assert ending is not None
+            self._finish(conn, ending)
+            ended += 1
+        return ended
+
     # ---- stop ------------------------------------------------------------------------
 
     def begin_stop(self, grace: float) -> None:

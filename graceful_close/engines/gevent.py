@@ -135,6 +135,16 @@ class GeventDrainEngine:
         conn.watcher.close()
         self.counters.record_end(ending.reason, conn.state.discarded, close_for(conn.sock, ending))
 
+    def evict(self, count: int) -> int:
+        """The process is short of descriptors (core.descriptors): end up to `count`
+        lingering connections, the least recently active first; how many ended."""
+        ended = 0
+        while ended < count and self._lingering:
+            conn = next(iter(self._lingering))
+            self._end(conn, conn.state.on_evict())
+            ended += 1
+        return ended
+
     def stop(self, grace: float) -> None:
         """The worker is stopping (grace 0: quickly): the stop rule of core.linger for every
         lingering connection, none beyond `grace` seconds from now; returns when the last

@@ -205,6 +205,16 @@ class PollDrainEngine:
             self.on_readable(fd)
         self.sweep(self._clock())
 
+    def evict(self, count: int) -> int:
+        """The process is short of descriptors (core.descriptors): end up to `count`
+        lingering connections, oldest first; how many ended."""
+        ended = 0
+        while ended < count and self._by_start:
+            entry = next(iter(self._by_start.values()))
+            self._finish(entry, entry.state.on_evict())
+            ended += 1
+        return ended
+
     # ---- stopping ------------------------------------------------------------------
 
     def begin_stop(self, grace: float) -> None:

@@ -82,6 +82,12 @@ ChunkedReader = gunicorn_body.ChunkedReader
 #    close"). Used by keepalive_header_for and by the hooks (gunicorn_hooks), which run on
 #    stock workers and check this reach in on_starting.
 
+# 10. Issue 20, idle connections under descriptor pressure: ThreadWorker.keepalived_conns
+#     (kept-alive connections waiting for their next request, oldest first, each registered
+#     in the poller under its .sock) and .pending_conns (accepted, waiting for their first
+#     byte), both deques of TConn, counted in .nr_conns; murder_keepalived() is how gthread
+#     itself drops one (deque, poller, nr_conns, close).
+
 # 8. gunicorn.config.Config.worker_class: swaps any worker class whose name ends in
 #    "SyncWorker" for stock gthread when --threads > 1, without importing ours. The guard
 #    (install_sync_worker_guard) can only act when this module is imported in the master
@@ -152,6 +158,9 @@ def problems() -> list[str]:
         found.append("sync.SyncWorker.wait no longer selects on self.wait_fds")
     if not _uses(sync.SyncWorker.run_for_one, "wait", "accept"):
         found.append("sync.SyncWorker.run_for_one no longer calls accept() and wait()")
+    if not (_uses(gthread.ThreadWorker.murder_keepalived, "keepalived_conns", "nr_conns", "poller")
+            and _uses(gthread.ThreadWorker.murder_pending, "pending_conns")):
+        found.append("gthread no longer keeps idle connections in keepalived_conns/pending_conns")
     return found
 
 
@@ -214,6 +223,28 @@ def defer(worker: Any) -> Callable[..., None]:
     return method
 
 
+def idle_connections(worker: Any) -> list[Any]:
+    """Reach 10: gthread's idle connections, kept-alive ones (oldest first), then those
+    waiting for their first byte."""
+    return [*worker.keepalived_conns, *worker.pending_conns]
+
+
+def forget_idle(worker: Any, conn: Any) -> None:
+    """Reach 10: take an idle connection out of gthread's books (as murder_keepalived
+    does), before the caller closes its socket."""
+    for idle in (worker.keepalived_conns, worker.pending_conns):
+        try:
+            idle.remove(conn)
+        except ValueError:
+            continue
+        break
+    try:
+        worker.poller.unregister(conn.sock)
+    except (OSError, KeyError, ValueError):
+        pass
+    worker.nr_conns -= 1
+
+
 SYNC_SWAP_LINE = ("graceful-close: -k graceful_close.gunicorn.SyncWorker with --threads {threads} "
                   "would run stock gthread (gunicorn swaps any *SyncWorker for gthread when "
                   "threads > 1); use -k graceful_close.gunicorn.ThreadWorker")
@@ -256,7 +287,11 @@ def install_sync_worker_guard() -> None:
 #      requests, the current one included) and does its bookkeeping in connection_lost().
 #   5. ASGIWorker._shutdown() is the coroutine that ends _serve(); _quick_shutdown is True
 #      after SIGINT/SIGQUIT; notify() is the heartbeat, called about once a second.
-ASGI_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost")
+#   6. Issue 20: ASGIProtocol._keepalive_handle is set while a connection waits for its next
+#      request; _keepalive_timeout() ends such a connection (through _close_transport) and
+#      wakes its task. ASGIWorker.nr_conns counts the open connections.
+ASGI_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost",
+                         "_keepalive_timeout", "_arm_keepalive_timer")
 
 
 def _code(function: object) -> types.CodeType | None:

@@ -26,8 +26,10 @@ from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers import gasgi
 
 from .. import metrics
+from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine, nothing_at_stake
+from ..engines.sockets import descriptor_budget
 from ..settings import Settings, current_settings, startup_settings
 from ._compat import check_asgi_worker
 
@@ -49,6 +51,9 @@ class LingeringASGIProtocol(ASGIProtocol):
     # The policy's answer for request number _gc_decided (gasgi may ask twice per request).
     _gc_decided = 0
     _gc_close = False
+    _gc_reuse = False  # closed as a reusable connection: plainly, without lingering
+    _keepalive_handle: Any
+    _request_ready: Any
 
     def connection_made(self, transport: Any) -> None:
         worker = self.worker
@@ -57,6 +62,23 @@ class LingeringASGIProtocol(ASGIProtocol):
             self._gc_accepted = worker.loop.time()
             self._gc_expires = worker.clock + policy.max_age
         super().connection_made(transport)
+        worker.open_protocols.add(self)
+        worker.keep_room(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.open_protocols.discard(self)
+        super().connection_lost(exc)
+
+    def _gc_close_if_idle(self) -> bool:
+        """Short of descriptors: close at once if idle between requests (gasgi's keep-alive
+        timer runs) with nothing at stake, as nginx drops its reusable connections first."""
+        transport = self.transport
+        if self._closed or self._keepalive_handle is None or transport is None or (
+                not nothing_at_stake(transport)):
+            return False
+        self._gc_reuse = True
+        self._keepalive_timeout()  # gasgi's own end of an idle connection, made early
+        return True
 
     def _will_close(self, request: Any, response_requires_close: bool) -> bool:
         # The hot path: two comparisons; the policy runs only when something is due.
@@ -101,11 +123,12 @@ class LingeringASGIProtocol(ASGIProtocol):
         self._closed = True
         if transport.is_closing():
             return  # the peer is gone already; connection_lost() follows from the transport
-        if not self.worker.alive and nothing_at_stake(transport):
+        if self._gc_reuse or (not self.worker.alive and nothing_at_stake(transport)):
             # Stopping or restarting, and no byte is at stake: close at once, as nginx
             # closes idle keep-alive connections on a stop (a plain close sends FIN).
             transport.close()
             return
+        self.worker.keep_room(self)
         self.worker.drain_engine.hand_off(transport)
         # The transport reports to the drain engine from now on: do gasgi's own bookkeeping
         # (nr_conns, timers, disconnect to the app) as its connection_lost would, on the next
@@ -129,6 +152,10 @@ class ASGIWorker(gasgi.ASGIWorker):
     # A coarse clock (loop.time() at the last heartbeat) for the per-request age check.
     clock = 0.0
     _term_at: float | None = None
+    # Issue 20: RLIMIT_NOFILE against what was open when serving began, and the open
+    # connections (gasgi only counts them) whose idle ones a shortage may close.
+    descriptor_budget: DescriptorBudget | None = None
+    open_protocols: set[LingeringASGIProtocol]
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -156,6 +183,8 @@ class ASGIWorker(gasgi.ASGIWorker):
     def run(self) -> None:
         self.drain_engine = drain_engine(self.loop)
         self.clock = self.loop.time()
+        self.open_protocols = set()
+        self.descriptor_budget = descriptor_budget()
         try:
             super().run()
         finally:
@@ -164,6 +193,25 @@ class ASGIWorker(gasgi.ASGIWorker):
     def notify(self) -> None:
         self.clock = self.loop.time()
         super().notify()
+
+    def keep_room(self, asking: LingeringASGIProtocol) -> None:
+        """Once per accepted connection and once per hand-off, never per request: near
+        RLIMIT_NOFILE (core.descriptors), close idle keep-alive connections with nothing
+        at stake, then the least recently active lingering ones, so that the next
+        accept() finds a descriptor."""
+        budget = self.descriptor_budget
+        if budget is None:
+            return
+        wanted = budget.to_free(self.nr_conns + self.drain_engine.lingering)
+        if not wanted:
+            return
+        freed = 0
+        for protocol in list(self.open_protocols):
+            if freed >= wanted:
+                return
+            if protocol is not asking and protocol._gc_close_if_idle():
+                freed += 1
+        self.drain_engine.evict(wanted - freed)
 
     def handle_exit_signal(self) -> None:  # SIGTERM
         if self._term_at is None:

@@ -25,8 +25,10 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
+from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.aio import drain_engine, nothing_at_stake
+from ..engines.sockets import descriptor_budget
 from ..settings import current_settings
 from . import _compat, lifecycle
 
@@ -45,6 +47,7 @@ class _Process:
 
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
+    budget: DescriptorBudget | None = None  # issue 20: RLIMIT_NOFILE, measured at the start
 
 
 def _start_process() -> KeepAlivePolicy:
@@ -55,6 +58,7 @@ def _start_process() -> KeepAlivePolicy:
     settings = current_settings()
     lifecycle.first_connection()  # metrics, and the stop watch when uvicorn was started with us
     _Process.keepalive_header = settings.keepalive_header
+    _Process.budget = descriptor_budget()
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
 
@@ -195,6 +199,31 @@ class LingeringCloseMixin(_Base):
         self._gc_user_agent = None
         self._gc_closing = False
         super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
+        self._gc_keep_room()
+
+    # ---- short of descriptors (issue 20) -------------------------------------------
+
+    def _gc_keep_room(self) -> None:
+        """Once per accepted connection and once per hand-off, never per request: near
+        RLIMIT_NOFILE (core.descriptors), free reusable connections so that the next
+        accept() finds a descriptor. The lingering ones are in the set too."""
+        budget = _Process.budget
+        if budget is not None:
+            wanted = budget.to_free(len(self.server_state.connections))
+            if wanted:
+                _free_descriptors(self, wanted)
+
+    def _gc_close_if_idle(self) -> bool:
+        """Close at once if idle between requests (uvicorn's keep-alive timer runs) with
+        nothing at stake: a plain close loses nothing, as nginx drops its reusable
+        connections first. True when closed."""
+        if self._gc_done or self.timeout_keep_alive_task is None or not nothing_at_stake(
+                self._gc_transport):
+            return False
+        self._gc_done = True
+        self._gc_transport.close()
+        super().connection_lost(None)  # uvicorn's bookkeeping, as for any closed connection
+        return True
 
     # ---- the lingering close -------------------------------------------------------
 
@@ -203,6 +232,7 @@ class LingeringCloseMixin(_Base):
         protocol does its connection-lost bookkeeping now (not when the socket closes)."""
         if self._gc_done:
             return
+        self._gc_keep_room()
         drain_engine(self.loop).hand_off(self._gc_transport, self.server_state.connections)
         self.connection_lost(None)
 
@@ -314,6 +344,18 @@ class LingeringCloseMixin(_Base):
         self._gc_done = True
         self.transport = self._gc_transport
         super().handle_websocket_upgrade(*args)
+
+
+def _free_descriptors(asking: LingeringCloseMixin, wanted: int) -> None:
+    """The process nears RLIMIT_NOFILE (core.descriptors): close idle keep-alive
+    connections with nothing at stake, then the least recently active lingering ones."""
+    freed = 0
+    for conn in list(asking.server_state.connections):
+        if freed >= wanted:
+            return
+        if conn is not asking and isinstance(conn, LingeringCloseMixin) and conn._gc_close_if_idle():
+            freed += 1
+    drain_engine(asking.loop).evict(wanted - freed)
 
 
 _keep_alive_values: dict[tuple[float, int | None], bytes] = {}
