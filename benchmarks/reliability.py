@@ -35,7 +35,7 @@ from contextlib import suppress
 from typing import Any
 
 from graceful_close.diagnostics.launch import ServerProcess
-from graceful_close.diagnostics.processes import tcp_states
+from graceful_close.diagnostics.processes import tcp_states, worker_pid
 from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 
 from .servers import TARGETS, VARIANTS
@@ -188,6 +188,7 @@ def emfile(key: str, variant: str, loop: str) -> dict[str, Any]:
                      prefix=("prlimit", f"--nofile={NOFILE}:{NOFILE}", "--")).start()
     hogs: list[socket.socket] = []
     try:
+        worker = worker_pid(server.pid)
         hogs = _hogs(server.port)
         latencies: list[float | None] = [None] * NEW_CLIENTS
 
@@ -202,6 +203,7 @@ def emfile(key: str, variant: str, loop: str) -> dict[str, Any]:
         for thread in arrivals:
             thread.join()
         answered = [x for x in latencies if x is not None]
+        replaced = worker_pid(server.pid) != worker  # stock gthread's worker dies of EMFILE
         slowest = max(answered, default=0.0) if len(answered) == NEW_CLIENTS else CLIENT_TIMEOUT
         for sock in hogs:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -213,6 +215,7 @@ def emfile(key: str, variant: str, loop: str) -> dict[str, Any]:
                 recovery = time.monotonic() - left
                 break
         return {"answered": len(answered), "attempts": NEW_CLIENTS, "hogs": len(hogs),
+                "worker_replaced": replaced,
                 "slowest": round(slowest, 3), "recovery": None if recovery is None else round(recovery, 3)}
     finally:
         for sock in hogs:

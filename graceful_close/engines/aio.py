@@ -29,14 +29,16 @@ or a deadline, then close() which sends close_notify after the response.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import MutableSet
+from collections.abc import Callable, MutableSet
 from typing import Any, cast
 
 from ..core.counters import PROCESS_COUNTERS, Counters
+from ..core.descriptors import MAX_BATCH, DescriptorBudget
 from ..core.linger import Ending, LingerState, bytes_at_stake, nothing_unacked
 from ..settings import Settings, current_settings
 from .sockets import unacked_bytes, unread_bytes
@@ -346,6 +348,57 @@ class AsyncioDrainEngine:
         self._stop_timer = None
 
 
+class DescriptorReclaimer:
+    """Keeps the connections of one event loop within a DescriptorBudget (issue 20).
+
+    check() runs once per accepted connection and once per hand-off, never per request.
+    Near the limit it closes idle keep-alive connections with nothing at stake
+    (`close_idle(wanted, asking)`, the adapter's: it knows its protocols), then the least
+    recently active lingering ones. When that falls short (the connections are busy with
+    requests), it looks again every SWEEP_INTERVAL until there is room: the loop's own
+    accept() gives no sign when it runs out (uvloop closes the new connection at once,
+    asyncio pauses accepting for a second); asyncio's report of it, through the loop's
+    exception handler, frees a batch at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget: DescriptorBudget,
+                 held: Callable[[], int], close_idle: Callable[[int, Any], int]) -> None:
+        self.loop = loop
+        self.budget = budget
+        self._held = held
+        self._close_idle = close_idle
+        self._again: asyncio.TimerHandle | None = None
+        previous = loop.get_exception_handler()
+
+        def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._free(MAX_BATCH, None)
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(on_loop_error)
+
+    def check(self, asking: Any = None) -> None:
+        """`asking`: the connection being accepted or handed off (never closed here)."""
+        wanted = self.budget.to_free(self._held())
+        if wanted:
+            self._free(wanted, asking)
+
+    def _free(self, wanted: int, asking: Any) -> None:
+        freed = self._close_idle(wanted, asking)
+        if freed < wanted:
+            freed += drain_engine(self.loop).evict(wanted - freed)
+        if freed < wanted and self._again is None:
+            self._again = self.loop.call_later(SWEEP_INTERVAL, self._look_again)
+
+    def _look_again(self) -> None:
+        self._again = None
+        self.check()
+
+
 def nothing_at_stake(transport: asyncio.BaseTransport) -> bool:
     """A stopping server may close this connection at once, without lingering: nothing
     queued or unacknowledged of ours, nothing of the client's unread (the rule itself:
@@ -403,5 +456,5 @@ def drain_engine(loop: asyncio.AbstractEventLoop) -> AsyncioDrainEngine:
     return engine
 
 
-__all__ = ["SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL", "AsyncioDrainEngine", "LingeringConnection",
-           "drain_engine", "nothing_at_stake"]
+__all__ = ["SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL", "AsyncioDrainEngine", "DescriptorReclaimer",
+           "LingeringConnection", "drain_engine", "nothing_at_stake"]

@@ -26,9 +26,14 @@ from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers import gasgi
 
 from .. import metrics
-from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy
-from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine, nothing_at_stake
+from ..engines.aio import (
+    SHUTDOWN_FORCE_GRACE,
+    AsyncioDrainEngine,
+    DescriptorReclaimer,
+    drain_engine,
+    nothing_at_stake,
+)
 from ..engines.sockets import descriptor_budget
 from ..settings import Settings, current_settings, startup_settings
 from ._compat import check_asgi_worker
@@ -63,7 +68,8 @@ class LingeringASGIProtocol(ASGIProtocol):
             self._gc_expires = worker.clock + policy.max_age
         super().connection_made(transport)
         worker.open_protocols.add(self)
-        worker.keep_room(self)
+        if worker.reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
+            worker.reclaimer.check(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.worker.open_protocols.discard(self)
@@ -128,7 +134,8 @@ class LingeringASGIProtocol(ASGIProtocol):
             # closes idle keep-alive connections on a stop (a plain close sends FIN).
             transport.close()
             return
-        self.worker.keep_room(self)
+        if self.worker.reclaimer is not None:  # once per hand-off
+            self.worker.reclaimer.check(self)
         self.worker.drain_engine.hand_off(transport)
         # The transport reports to the drain engine from now on: do gasgi's own bookkeeping
         # (nr_conns, timers, disconnect to the app) as its connection_lost would, on the next
@@ -152,9 +159,9 @@ class ASGIWorker(gasgi.ASGIWorker):
     # A coarse clock (loop.time() at the last heartbeat) for the per-request age check.
     clock = 0.0
     _term_at: float | None = None
-    # Issue 20: RLIMIT_NOFILE against what was open when serving began, and the open
-    # connections (gasgi only counts them) whose idle ones a shortage may close.
-    descriptor_budget: DescriptorBudget | None = None
+    # Issue 20: keeps connections within RLIMIT_NOFILE (None when it is unknown), and the
+    # open connections (gasgi only counts them) whose idle ones a shortage may close.
+    reclaimer: DescriptorReclaimer | None = None
     open_protocols: set[LingeringASGIProtocol]
 
     @classmethod
@@ -184,7 +191,11 @@ class ASGIWorker(gasgi.ASGIWorker):
         self.drain_engine = drain_engine(self.loop)
         self.clock = self.loop.time()
         self.open_protocols = set()
-        self.descriptor_budget = descriptor_budget()
+        budget = descriptor_budget()
+        if budget is not None:
+            self.reclaimer = DescriptorReclaimer(
+                self.loop, budget, held=lambda: self.nr_conns + self.drain_engine.lingering,
+                close_idle=self._close_idle)
         try:
             super().run()
         finally:
@@ -194,24 +205,16 @@ class ASGIWorker(gasgi.ASGIWorker):
         self.clock = self.loop.time()
         super().notify()
 
-    def keep_room(self, asking: LingeringASGIProtocol) -> None:
-        """Once per accepted connection and once per hand-off, never per request: near
-        RLIMIT_NOFILE (core.descriptors), close idle keep-alive connections with nothing
-        at stake, then the least recently active lingering ones, so that the next
-        accept() finds a descriptor."""
-        budget = self.descriptor_budget
-        if budget is None:
-            return
-        wanted = budget.to_free(self.nr_conns + self.drain_engine.lingering)
-        if not wanted:
-            return
-        freed = 0
+    def _close_idle(self, wanted: int, asking: Any) -> int:
+        """Up to `wanted` idle keep-alive connections with nothing at stake, closed at once
+        (the DescriptorReclaimer's first resort); how many."""
+        closed = 0
         for protocol in list(self.open_protocols):
-            if freed >= wanted:
-                return
+            if closed >= wanted:
+                break
             if protocol is not asking and protocol._gc_close_if_idle():
-                freed += 1
-        self.drain_engine.evict(wanted - freed)
+                closed += 1
+        return closed
 
     def handle_exit_signal(self) -> None:  # SIGTERM
         if self._term_at is None:

@@ -25,9 +25,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy
-from ..engines.aio import drain_engine, nothing_at_stake
+from ..engines.aio import DescriptorReclaimer, drain_engine, nothing_at_stake
 from ..engines.sockets import descriptor_budget
 from ..settings import current_settings
 from . import _compat, lifecycle
@@ -47,10 +46,10 @@ class _Process:
 
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
-    budget: DescriptorBudget | None = None  # issue 20: RLIMIT_NOFILE, measured at the start
+    reclaimer: DescriptorReclaimer | None = None  # issue 20: None when RLIMIT_NOFILE is unknown
 
 
-def _start_process() -> KeepAlivePolicy:
+def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
     """The first connection of this process: check uvicorn's protocols, build the policy."""
     found = _compat.protocol_problems()
     if found:
@@ -58,7 +57,12 @@ def _start_process() -> KeepAlivePolicy:
     settings = current_settings()
     lifecycle.first_connection()  # metrics, and the stop watch when uvicorn was started with us
     _Process.keepalive_header = settings.keepalive_header
-    _Process.budget = descriptor_budget()
+    budget = descriptor_budget()
+    if budget is not None:
+        connections = first.server_state.connections
+        _Process.reclaimer = DescriptorReclaimer(
+            first.loop, budget, held=connections.__len__,  # lingering ones are in the set too
+            close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
 
@@ -187,7 +191,7 @@ class LingeringCloseMixin(_Base):
     _gc_closing: bool  # a response that ends the connection was decided
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        policy = _Process.policy or _start_process()
+        policy = _Process.policy or _start_process(self)
         real = cast(asyncio.Transport, transport)
         now = self.loop.time()
         self._gc_transport = real
@@ -199,19 +203,11 @@ class LingeringCloseMixin(_Base):
         self._gc_user_agent = None
         self._gc_closing = False
         super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
-        self._gc_keep_room()
+        reclaimer = _Process.reclaimer
+        if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
+            reclaimer.check(self)
 
     # ---- short of descriptors (issue 20) -------------------------------------------
-
-    def _gc_keep_room(self) -> None:
-        """Once per accepted connection and once per hand-off, never per request: near
-        RLIMIT_NOFILE (core.descriptors), free reusable connections so that the next
-        accept() finds a descriptor. The lingering ones are in the set too."""
-        budget = _Process.budget
-        if budget is not None:
-            wanted = budget.to_free(len(self.server_state.connections))
-            if wanted:
-                _free_descriptors(self, wanted)
 
     def _gc_close_if_idle(self) -> bool:
         """Close at once if idle between requests (uvicorn's keep-alive timer runs) with
@@ -232,7 +228,9 @@ class LingeringCloseMixin(_Base):
         protocol does its connection-lost bookkeeping now (not when the socket closes)."""
         if self._gc_done:
             return
-        self._gc_keep_room()
+        reclaimer = _Process.reclaimer
+        if reclaimer is not None:  # once per hand-off: near RLIMIT_NOFILE, free some
+            reclaimer.check(self)
         drain_engine(self.loop).hand_off(self._gc_transport, self.server_state.connections)
         self.connection_lost(None)
 
@@ -346,16 +344,16 @@ class LingeringCloseMixin(_Base):
         super().handle_websocket_upgrade(*args)
 
 
-def _free_descriptors(asking: LingeringCloseMixin, wanted: int) -> None:
-    """The process nears RLIMIT_NOFILE (core.descriptors): close idle keep-alive
-    connections with nothing at stake, then the least recently active lingering ones."""
-    freed = 0
-    for conn in list(asking.server_state.connections):
-        if freed >= wanted:
-            return
+def _close_idle(connections: set[Any], wanted: int, asking: Any) -> int:
+    """Up to `wanted` idle keep-alive connections with nothing at stake, closed at once
+    (the DescriptorReclaimer's first resort); how many."""
+    closed = 0
+    for conn in list(connections):
+        if closed >= wanted:
+            break
         if conn is not asking and isinstance(conn, LingeringCloseMixin) and conn._gc_close_if_idle():
-            freed += 1
-    drain_engine(asking.loop).evict(wanted - freed)
+            closed += 1
+    return closed
 
 
 _keep_alive_values: dict[tuple[float, int | None], bytes] = {}
