@@ -168,9 +168,8 @@ def test_deadlines_reset_with_abort_on_timeout(listener):
     engine.stop(1)
 
 
-def test_timeout_never_destroys_unacknowledged_response(listener):
-    """A client that stops reading leaves response bytes unacked: the timeout must not RST them."""
-    engine, counters = make(linger_time=1, linger_timeout=0.3)
+def _stuck(listener) -> tuple[socket.socket, socket.socket, int]:
+    """A connection whose client stopped reading: response bytes wait unacknowledged."""
     client, server = pair(listener)
     server.setblocking(False)
     sent = 0
@@ -178,7 +177,15 @@ def test_timeout_never_destroys_unacknowledged_response(listener):
         while sent < 20_000_000:
             sent += server.send(b"D" * 65536)
     except BlockingIOError:
-        pass  # the send queue is full: bytes are waiting for the client's window
+        pass
+    return client, server, sent
+
+
+def test_timeout_never_destroys_unacknowledged_response(listener):
+    """A client that stops reading leaves response bytes unacked: a timeout must not RST
+    them, not even with abort_on_timeout=true."""
+    engine, counters = make(linger_time=1, linger_timeout=0.3, abort_on_timeout=True)
+    client, server, sent = _stuck(listener)
     engine.hand_off(server)
     assert wait_until(lambda: counters.ended_idle_timeout == 1, 5)
     assert counters.aborted_with_rst == 0
@@ -241,19 +248,6 @@ def test_young_evicted_socket_is_reset_not_orphaned(listener):
     for sock in (first_client, second_client):
         sock.close()
     engine.stop(1)
-
-
-def _stuck(listener) -> tuple[socket.socket, socket.socket, int]:
-    """A connection whose client stopped reading: response bytes wait unacknowledged."""
-    client, server = pair(listener)
-    server.setblocking(False)
-    sent = 0
-    try:
-        while sent < 20_000_000:
-            sent += server.send(b"D" * 65536)
-    except BlockingIOError:
-        pass
-    return client, server, sent
 
 
 def test_stop_rule_closes_what_has_nothing_at_stake_and_gives_the_rest_stop_linger(listener):
