@@ -77,7 +77,7 @@ Limits (safe to point at a production server):
   bytes     at most --max-bytes of response body read per scenario
   parallel  at most 2 connections open at once (idle), otherwise 1
   time      each scenario ends within 2 x --timeout + 5 s, plus 2 x --idle-max (idle; at most
-            2 x (a Keep-Alive: timeout= the server announces + 1 s)), --idle-max + 1.5 s
+            2 x (a Keep-Alive: timeout= the server announces + 1 s)), --idle-max + 2 s
             (upload) or --drain-time + 2 s (drain); scenarios run one after another
 """
 

@@ -42,7 +42,8 @@ FOLLOW_GAP = 0.05    # in-flight pipelined requests leave this long after the fi
 READ_DELAY = 0.3     # a client busy elsewhere reads this late
 DRAIN_CHUNK = 65536
 IDLE_SLACK = 1.0     # wait this much past an announced Keep-Alive timeout for the close
-EARLY_WAIT = 0.5     # before the last chunk of an upload: time for an early answer to show
+EARLY_WAIT = 1.0     # before the last chunk of an upload: time for an early answer to show
+#                      (curl waits as long for a 100 Continue)
 
 
 class CappedReader(ResponseReader):
@@ -282,7 +283,8 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
         elif stopped == "stalled":
             exchange.note = f"the server stopped reading after {sent} of {size} B"
         exchange.extra["sent"] = sent
-        reader = CappedReader(sock, start + timeout, max_bytes)
+        # --timeout for the answer from the end of sending (sending has its own bound)
+        reader = CappedReader(sock, time.monotonic() + timeout, max_bytes)
         _read(reader, exchange, 1)
         answered = time.monotonic()
         exchange.extra["closing_answer"] = closing = closing_answer(exchange)
