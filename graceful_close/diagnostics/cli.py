@@ -65,7 +65,7 @@ def _scenario_list(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> OneLineParser:
-    from .probe import PROBE_LIMITS, SCENARIOS
+    from .probe import IDLE_MAX_DEFAULT, PROBE_LIMITS, SCENARIOS
 
     parser = OneLineParser(prog="graceful-close",
                            description="Lingering close for gunicorn and uvicorn: diagnostics.")
@@ -98,13 +98,15 @@ def build_parser() -> OneLineParser:
                        help="instead of --big-path: a >= 1 MB response the application answers "
                             "with Connection: close (GET with HTTP/1.1)")
     probe.add_argument("--upload-path", metavar="PATH",
-                       help="where to POST the oversized upload: any endpoint with a small body "
-                            "limit (nginx client_max_body_size, Apache LimitRequestBody)")
+                       help="where to POST the oversized upload: any endpoint that answers a "
+                            "large body before reading it (a small body limit, an auth check)")
     probe.add_argument("--upload-size", type=size, default=8 << 20, metavar="BYTES",
                        help="upload size, up to 64M (default 8M)")
-    probe.add_argument("--idle-max", type=positive(float), default=10.0, metavar="S",
-                       help="longest keep-alive idle timeout to wait for, up to 120 (default 10); "
-                            "a Keep-Alive: timeout= header from the server is used when sent")
+    probe.add_argument("--idle-max", type=positive(float), default=IDLE_MAX_DEFAULT, metavar="S",
+                       help="longest keep-alive idle timeout to wait for, up to 120 (default "
+                            f"{IDLE_MAX_DEFAULT:g}: not a common timeout, so a server's own "
+                            "timeout is either measured or clearly above it); a Keep-Alive: "
+                            "timeout= header from the server is used when sent")
     probe.add_argument("--drain-time", type=positive(float), default=5.0, metavar="S",
                        help="how long the server should keep draining after its FIN (default 5)")
     probe.add_argument("--max-bytes", type=size, default=16 << 20, metavar="BYTES",

@@ -236,6 +236,8 @@ def cell(row: DemoRow, scenario: str) -> tuple[str, bool | None]:
     if v is None:
         return "-", None
     good = None if v.status not in (PASS, FAIL) else v.status == PASS
+    if v.finding == "no-keep-alive":  # idle: nothing to test on a worker without keep-alive
+        return "no keep-alive", None
     if v.status == NOT_EXERCISED:
         return "not exercised", good
     if scenario in ("close-pipeline", "upload"):
