@@ -1,0 +1,47 @@
+"""Issue 17: a fresh install works on the first try.
+
+What pip installs for each extra alone, and that the servers of that extra start from the
+built wheel, is checked by .ci/wheel-check (a fresh venv per extra; CI runs it). Here: what
+the extras declare, and that each package imports with only its own extra's dependencies.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXTRAS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_gevent_extra_brings_what_gunicorns_gevent_worker_imports() -> None:
+    """gunicorn 27's gevent worker imports `packaging`, which gunicorn declares only in its own
+    gevent extra: ours must ask for gunicorn[gevent], not gunicorn and gevent."""
+    assert any(req.replace(" ", "").startswith("gunicorn[gevent]") for req in EXTRAS["gevent"]), \
+        EXTRAS["gevent"]
+
+
+def test_fast_extra_brings_gunicorns_c_parser_and_the_suite_runs_with_it() -> None:
+    assert any(req.startswith("gunicorn_h1c") for req in EXTRAS["fast"]), EXTRAS["fast"]
+    assert any("fast" in req for req in EXTRAS["test"] if req.startswith("graceful-close[")), \
+        EXTRAS["test"]
+
+
+def test_uvicorn_package_imports_without_httptools() -> None:
+    """The zttp extra alone has no httptools: graceful_close.uvicorn (and so ZttpProtocol) must
+    import without it, and HttpToolsProtocol then says what to install."""
+    code = (
+        "import sys\n"
+        "sys.modules['httptools'] = None  # as if not installed\n"
+        "import graceful_close.uvicorn as u\n"
+        "assert u.AutoHTTPProtocol is u.H11Protocol\n"
+        "try:\n"
+        "    u.HttpToolsProtocol\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'pip install "graceful-close[uvicorn]"' in done.stdout, done.stdout
