@@ -282,7 +282,48 @@ def check_asgi_worker() -> str | None:
     if not {"_close_transport", "req_count"} <= _names(handle):
         return (f"{version}: ASGIProtocol._handle_connection no longer counts requests in "
                 "req_count and ends connections with _close_transport")
+    return asgi_parser_problem()
+
+
+#   6. gunicorn_h1c, the C parser of gunicorn[fast] (--http-parser fast, and auto when it is
+#      installed): ASGIProtocol caches what it found of gunicorn_h1c in class attributes _h1c_*.
+#      The classmethod _check_h1c_protocol_available() writes them on `cls`, the class it is
+#      called on, while _setup_callback_parser() and _handle_h1c_exception() read them from
+#      ASGIProtocol itself. Called on our subclass first, the cache lands on the subclass and
+#      ASGIProtocol's stays empty: `--http-parser fast` then raises in every connection_made()
+#      (the client gets nothing) and `auto` silently takes the pure-Python parser where stock
+#      takes H1CProtocol. share_asgi_parser_cache() fills ASGIProtocol's own cache, once per
+#      process before any connection, so our subclass inherits it and never writes its own.
+def share_asgi_parser_cache(protocol_class: Any) -> str | None:
+    """Reach 6: make `protocol_class` (a subclass of ASGIProtocol) choose gunicorn's HTTP/1
+    parser exactly as ASGIProtocol does. None when it does, else what differs, in words."""
+    from gunicorn.asgi.protocol import ASGIProtocol
+
+    check = getattr(ASGIProtocol, "_check_h1c_protocol_available", None)
+    setup = _code(getattr(ASGIProtocol, "_setup_callback_parser", None))
+    if check is None:
+        # No class-level cache to share: acceptable only if the parser choice no longer uses one.
+        if setup is not None and any(name.startswith("_h1c_") for name in _names(setup)):
+            return ("ASGIProtocol._setup_callback_parser reads _h1c_* but "
+                    "_check_h1c_protocol_available is gone")
+        return None
+    stock_answer = check()  # on ASGIProtocol: fills ASGIProtocol's cache (imports gunicorn_h1c)
+    ours_answer = protocol_class._check_h1c_protocol_available()
+    own = sorted(name for name in vars(protocol_class) if name.startswith("_h1c_"))
+    differs = [name for name in vars(ASGIProtocol) if name.startswith("_h1c_")
+               and getattr(protocol_class, name) is not getattr(ASGIProtocol, name)]
+    if own or differs or ours_answer != stock_answer:
+        return (f"{protocol_class.__name__} would not choose gunicorn's HTTP/1 parser as ASGIProtocol "
+                f"does (own or differing {', '.join(own + differs) or '_h1c_available'})")
     return None
+
+
+def asgi_parser_problem() -> str | None:
+    """The start-up check of reach 6, for our ASGIWorker's protocol (also fills the cache)."""
+    from .asgi_worker import LingeringASGIProtocol
+
+    problem = share_asgi_parser_cache(LingeringASGIProtocol)
+    return None if problem is None else f"gunicorn {VERSION}: {problem}"
 
 
 # ---- gevent worker (-k graceful_close.gunicorn.GeventWorker) ---------------------------

@@ -29,7 +29,7 @@ from .. import metrics
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine, nothing_at_stake
 from ..settings import Settings, current_settings, startup_settings
-from ._compat import check_asgi_worker
+from ._compat import check_asgi_worker, share_asgi_parser_cache
 
 __all__ = ["ASGIWorker"]
 
@@ -149,6 +149,11 @@ class ASGIWorker(gasgi.ASGIWorker):
         # runs only this worker class) gives every connection our protocol without copying
         # _serve()'s 80 lines of lifespan, listener and heartbeat code.
         gasgi.ASGIProtocol = LingeringASGIProtocol
+        # gunicorn_h1c (--http-parser fast/auto): the same parser as stock (_compat, reach 6).
+        # Checked in the master already; a worker forked from it inherits the filled cache.
+        problem = share_asgi_parser_cache(LingeringASGIProtocol)
+        if problem is not None:  # pragma: no cover - refused by check_config in the master
+            raise SystemExit(f"graceful-close: ASGIWorker cannot run on gunicorn: {problem}")
         _log_to_gunicorn(self.log)
         metrics.maybe_start_for_worker()
         super().init_process()  # sets up the loop, then runs the worker; returns at exit
