@@ -21,7 +21,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 ENV_PREFIX = "GRACEFUL_CLOSE_"
@@ -272,6 +273,13 @@ def configure(**kwargs: Any) -> Settings:
         raise SystemExit(str(exc)) from None
     os.environ.update(settings.to_env())
     _current = settings
+    if "gunicorn.config" in sys.modules:
+        # A gunicorn.conf.py in gunicorn's master: serve `-k graceful_close.gunicorn.SyncWorker
+        # --threads N` (the sync worker's old name) with our ThreadWorker instead of letting
+        # gunicorn swap it for stock gthread (graceful_close.gunicorn._compat, reach 8).
+        from .gunicorn import _compat
+
+        _compat.install_sync_worker_guard()
     return settings
 
 
@@ -291,9 +299,33 @@ def startup_settings() -> Settings:
         raise SystemExit(str(exc)) from None
 
 
+# ---- issue 17 item 6: one start-up line per server ---------------------------------------
+
+# Whether announce() has logged in this process. A worker that gunicorn forks inherits its
+# master's answer, so the master's line is not repeated by each worker (UvicornWorker).
+_announced = False
+
+
+def announce(where: str, emit: Callable[[str], None]) -> Settings:
+    """At a server's start: validate the settings (a bad value exits with one line) and log the
+    one line saying graceful-close runs there, with every effective setting, through `emit`
+    (the server's own log), once per process."""
+    global _announced
+    settings = startup_settings()
+    if not _announced:
+        _announced = True
+        emit(settings.describe(where))
+    return settings
+
+
+def announced() -> bool:
+    return _announced
+
+
 def reset_for_tests() -> None:
     """Forget configured settings and the warnings given (tests that configure more than
     once in one process)."""
-    global _current
+    global _current, _announced
     _current = None
+    _announced = False
     _warned.clear()

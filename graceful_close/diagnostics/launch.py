@@ -23,7 +23,7 @@ _PORT_LINE = re.compile(rb"(?:Listening at: |Uvicorn running on )https?://127\.0
 
 # Worker classes by short name: stock gunicorn's and ours.
 GUNICORN_WORKERS = {
-    "sync": ("sync", "graceful_close.gunicorn.SyncWorker"),
+    "sync": ("sync", "graceful_close.gunicorn.SyncLingerWorker"),
     "gthread": ("gthread", "graceful_close.gunicorn.ThreadWorker"),
     "uvicorn-worker": ("uvicorn_worker.UvicornWorker", "graceful_close.gunicorn.UvicornWorker"),
     "asgi": ("asgi", "graceful_close.gunicorn.ASGIWorker"),

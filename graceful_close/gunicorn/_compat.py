@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 import selectors
 import socket
-import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +27,7 @@ from gunicorn.http import body as gunicorn_body
 from gunicorn.http import message as gunicorn_message
 from gunicorn.http import parser as gunicorn_parser
 from gunicorn.http import wsgi as gunicorn_wsgi
-from gunicorn.workers import gthread, sync
+from gunicorn.workers import base, gthread, sync
 
 from ..engines.sockets import unread_bytes
 
@@ -82,10 +81,19 @@ ChunkedReader = gunicorn_body.ChunkedReader
 #    close"). Used by keepalive_header_for and by the hooks (gunicorn_hooks), which run on
 #    stock workers and check this reach in on_starting.
 
-# 8. gunicorn.config.Config.worker_class: swaps any worker class whose name ends in
-#    "SyncWorker" for stock gthread when --threads > 1, without importing ours. The guard
-#    (install_sync_worker_guard) can only act when this module is imported in the master
-#    (gunicorn.conf.py calling configure(), or the hooks).
+# 8. gunicorn.config.Config.worker_class (and .worker_class_str, the name gunicorn logs): swap
+#    any worker class whose name ends in "SyncWorker" for stock gthread when --threads > 1,
+#    without importing it. Our sync worker is therefore named SyncLingerWorker; its old name
+#    SyncWorker is an alias, and the guard (install_sync_worker_guard) lets gunicorn load it
+#    with --threads > 1 too, so that it serves our ThreadWorker (reach 10). The guard acts
+#    only when graceful_close is imported in the master (gunicorn.conf.py calling
+#    configure(), or the hooks); without it the old name with --threads runs stock gthread.
+
+# 10. gunicorn.arbiter.Arbiter.spawn_worker builds each worker as
+#    worker_class(age, ppid, sockets, app, timeout, cfg, log) (base.Worker.__init__'s
+#    parameters, positionally): SyncLingerWorker.__new__ reads cfg.threads there and builds our
+#    ThreadWorker instead when --threads > 1, as gunicorn builds gthread for sync.
+WORKER_CFG_INDEX = 5  # after self: age, ppid, sockets, app, timeout, cfg, log
 
 
 def _names(code: types.CodeType) -> set[str]:
@@ -152,7 +160,17 @@ def problems() -> list[str]:
         found.append("sync.SyncWorker.wait no longer selects on self.wait_fds")
     if not _uses(sync.SyncWorker.run_for_one, "wait", "accept"):
         found.append("sync.SyncWorker.run_for_one no longer calls accept() and wait()")
+    parameters = list(inspect.signature(base.Worker.__init__).parameters)[1:]
+    if parameters[WORKER_CFG_INDEX:WORKER_CFG_INDEX + 1] != ["cfg"]:
+        found.append("base.Worker.__init__ no longer takes cfg as its sixth argument")
     return found
+
+
+def worker_cfg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Reach 10: the gunicorn Config among the arguments a worker class is called with."""
+    if "cfg" in kwargs:
+        return kwargs["cfg"]
+    return args[WORKER_CFG_INDEX] if len(args) > WORKER_CFG_INDEX else None
 
 
 def check(found: list[str] | None = None) -> str | None:
@@ -214,34 +232,43 @@ def defer(worker: Any) -> Callable[..., None]:
     return method
 
 
-SYNC_SWAP_LINE = ("graceful-close: -k graceful_close.gunicorn.SyncWorker with --threads {threads} "
-                  "would run stock gthread (gunicorn swaps any *SyncWorker for gthread when "
-                  "threads > 1); use -k graceful_close.gunicorn.ThreadWorker")
-
 _original_worker_class: Any = None
 
 
+def _our_sync_name(cfg: Any) -> bool:
+    """`-k graceful_close.gunicorn.SyncWorker` (or any name of ours ending so) with --threads > 1."""
+    uri = cfg.settings["worker_class"].get()
+    return (isinstance(uri, str) and uri.startswith("graceful_close.") and uri.endswith("SyncWorker")
+            and cfg.threads > 1)
+
+
 def install_sync_worker_guard() -> None:
-    """Reach 8: refuse `-k graceful_close.gunicorn.SyncWorker --threads N` with one line
-    instead of letting gunicorn silently run stock gthread."""
+    """Reach 8: gunicorn loads `-k graceful_close.gunicorn.SyncWorker --threads N` as named (our
+    SyncLingerWorker, which then serves our ThreadWorker) instead of running stock gthread."""
     global _original_worker_class
     if _original_worker_class is not None:
         return
     original = gunicorn.config.Config.__dict__.get("worker_class")
-    if not isinstance(original, property) or original.fget is None:
+    original_str = gunicorn.config.Config.__dict__.get("worker_class_str")
+    if not isinstance(original, property) or original.fget is None or \
+            not isinstance(original_str, property) or original_str.fget is None:
         return
     _original_worker_class = original
-    getter = original.fget
+    getter, str_getter = original.fget, original_str.fget
 
     def worker_class(cfg: Any) -> Any:
-        uri = cfg.settings["worker_class"].get()
-        if isinstance(uri, str) and uri.startswith("graceful_close.") and \
-                uri.endswith("SyncWorker") and cfg.threads > 1:
-            print(SYNC_SWAP_LINE.format(threads=cfg.threads), file=sys.stderr, flush=True)
-            raise SystemExit(1)
-        return getter(cfg)
+        if not _our_sync_name(cfg):
+            return getter(cfg)
+        loaded = gunicorn.util.load_class(cfg.settings["worker_class"].get())
+        if hasattr(loaded, "setup"):
+            loaded.setup()
+        return loaded
+
+    def worker_class_str(cfg: Any) -> Any:
+        return cfg.settings["worker_class"].get() if _our_sync_name(cfg) else str_getter(cfg)
 
     gunicorn.config.Config.worker_class = property(worker_class)
+    gunicorn.config.Config.worker_class_str = property(worker_class_str)
 
 
 # ---- gunicorn asgi worker (-k graceful_close.gunicorn.ASGIWorker) ----------------------

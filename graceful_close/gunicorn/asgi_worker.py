@@ -28,7 +28,7 @@ from gunicorn.workers import gasgi
 from .. import metrics
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine, nothing_at_stake
-from ..settings import Settings, current_settings, startup_settings
+from ..settings import Settings, announce, current_settings
 from ._compat import check_asgi_worker, share_asgi_parser_cache
 
 __all__ = ["ASGIWorker"]
@@ -136,7 +136,7 @@ class ASGIWorker(gasgi.ASGIWorker):
         problem = check_asgi_worker()
         if problem is not None:
             raise SystemExit(f"graceful-close: ASGIWorker cannot run on {problem}")
-        log.info(startup_settings().describe())
+        announce(f"gunicorn -k {cfg.worker_class_str}", log.info)
         super().check_config(cfg, log)
 
     def init_process(self) -> None:

@@ -27,7 +27,7 @@ from gunicorn.workers import ggevent
 from .. import metrics
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.gevent import GeventDrainEngine, at_stake
-from ..settings import Settings, current_settings, startup_settings
+from ..settings import Settings, announce, current_settings
 from ._compat import check_gevent_worker
 
 __all__ = ["GeventWorker"]
@@ -59,7 +59,7 @@ class GeventWorker(ggevent.GeventWorker):
         problem = check_gevent_worker()
         if problem is not None:
             raise SystemExit(f"graceful-close: GeventWorker cannot run on {problem}")
-        log.info(startup_settings().describe())
+        announce(f"gunicorn -k {cfg.worker_class_str}", log.info)
 
     def init_process(self) -> None:
         from . import _log_to_gunicorn

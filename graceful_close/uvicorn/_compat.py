@@ -41,6 +41,18 @@ def running_server() -> uvicorn.server.Server | None:
     return server if isinstance(server, uvicorn.server.Server) else None
 
 
+# S5. Server.config.http: the --http value the server was started with, the protocol's
+#     "module:Class" string or the class itself.
+
+
+def protocol_named(server: uvicorn.server.Server) -> str:
+    """The HTTP protocol the running server was started with, as --http names it."""
+    http = getattr(server.config, "http", None)
+    if isinstance(http, str):
+        return http
+    return f"{getattr(http, '__module__', '?')}:{getattr(http, '__qualname__', http)}"
+
+
 # S2. Server._captured_signals: the signals Server.handle_exit received, which capture_signals
 #     re-raises once the server has stopped. SIGINT there means Ctrl-C (or, in our
 #     UvicornWorker, gunicorn's quick stop SIGQUIT, which the worker turns into SIGINT).
