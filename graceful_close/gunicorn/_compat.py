@@ -283,7 +283,11 @@ def install_sync_worker_guard() -> None:
 #      requests, the current one included) and does its bookkeeping in connection_lost().
 #   5. ASGIWorker._shutdown() is the coroutine that ends _serve(); _quick_shutdown is True
 #      after SIGINT/SIGQUIT; notify() is the heartbeat, called about once a second.
-ASGI_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost")
+#   7. With keepalive_header=true: every HTTP/1.x response head is written by
+#      _send_response_start(status, headers, request, close), close being what _will_close
+#      decided; self._keepalive is gunicorn's --keep-alive.
+ASGI_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost",
+                         "_send_response_start")
 
 
 def _code(function: object) -> types.CodeType | None:
@@ -309,6 +313,11 @@ def check_asgi_worker() -> str | None:
     if not {"_close_transport", "req_count"} <= _names(handle):
         return (f"{version}: ASGIProtocol._handle_connection no longer counts requests in "
                 "req_count and ends connections with _close_transport")
+    start = _code(getattr(ASGIProtocol, "_send_response_start", None))
+    init = _code(vars(ASGIProtocol).get("__init__"))
+    if start is None or init is None or "_keepalive" not in _names(init) or \
+            start.co_varnames[:5] != ("self", "status", "headers", "request", "close"):
+        return f"{version}: ASGIProtocol._send_response_start(status, headers, request, close) changed"
     return asgi_parser_problem()
 
 
@@ -361,6 +370,9 @@ def asgi_parser_problem() -> str | None:
 #      engine takes the descriptor out of it (socket.detach()).
 #   3. gunicorn's Request numbers the requests of a connection (req_number) and keeps the
 #      connection's unreader (req.unreader), where the policy keeps per-connection limits.
+#   4. With keepalive_header=true: AsyncWorker.handle_request builds each response with
+#      wsgi.create(), and so with the module-global wsgi.Response (reach 3), whose
+#      default_headers() writes "Connection:" from should_close().
 def check_gevent_worker() -> str | None:
     """None when gunicorn still routes what GeventWorker needs; else what changed, in one line."""
     from gunicorn.workers import ggevent  # imports gevent
@@ -373,4 +385,8 @@ def check_gevent_worker() -> str | None:
     init = _code(gunicorn_message.Request.__init__)
     if init is None or not {"req_number", "unreader"} <= set(init.co_names) | set(init.co_varnames):
         return f"{version}: http.message.Request no longer has req_number and unreader"
+    if not _uses(ggevent.AsyncWorker.handle_request, "wsgi", "create") or \
+            not _uses(gunicorn_wsgi.create, "Response") or \
+            not _uses(gunicorn_wsgi.Response.default_headers, "should_close"):
+        return f"{version}: AsyncWorker.handle_request no longer builds responses with wsgi.Response"
     return None

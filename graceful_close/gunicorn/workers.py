@@ -28,7 +28,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import base, gthread, sync
 
 from .. import metrics
-from ..core.keepalive import KeepAlivePolicy
+from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.poll import PollDrainEngine
 from ..settings import Settings, announce, current_settings
 from . import _compat
@@ -421,11 +421,9 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
 
     def keepalive_header_for(self, req: Any) -> str:
         """Keep-Alive: timeout=<keepalive>[, max=<requests left>] (keepalive_header=true)."""
-        value = f"Keep-Alive: timeout={int(self.cfg.keepalive)}"
         cap = self.graceful_settings.keepalive_requests
-        if cap:
-            value += f", max={max(cap - req.req_number, 0)}"
-        return value + "\r\n"
+        remaining = cap - req.req_number if cap else None
+        return f"Keep-Alive: {keep_alive_value(self.cfg.keepalive, remaining)}\r\n"
 
 
 def _user_agent(req: Any) -> str | None:
