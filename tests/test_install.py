@@ -7,6 +7,7 @@ the extras declare, and that each package imports with only its own extra's depe
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -45,3 +46,21 @@ def test_uvicorn_package_imports_without_httptools() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert 'pip install "graceful-close[uvicorn]"' in done.stdout, done.stdout
+
+
+def test_one_configure_import_everywhere() -> None:
+    """Issue 17 item 14: the README, the recipes and the docstrings import configure one way:
+    `from graceful_close import configure`."""
+    places = [REPO / "README.md", *sorted((REPO / "integrations").glob("*.py")),
+              *sorted((REPO / "graceful_close").rglob("*.py"))]
+    found = []
+    for path in places:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\bimport\b.*\bconfigure\b|\bconfigure\b.*\bimport\b", line) and \
+                    "from graceful_close import configure" not in line and \
+                    not line.lstrip().startswith(("from .", "from ..")):  # the package's own imports
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert found == []
+    recipes = [path for path in (REPO / "integrations").glob("*.conf.py")]
+    assert recipes and all("from graceful_close import configure" in path.read_text()
+                           for path in recipes)
