@@ -64,3 +64,16 @@ def test_one_configure_import_everywhere() -> None:
     recipes = [path for path in (REPO / "integrations").glob("*.conf.py")]
     assert recipes and all("from graceful_close import configure" in path.read_text()
                            for path in recipes)
+
+
+def test_readme_starts_with_the_two_commands_and_says_what_full_coverage_needs() -> None:
+    """Issue 17 item 3: the test command needs nginx and apache2 for full coverage (only .ci/run
+    installs them; without them the real-server probe tests skip): said next to it."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert len(block) == 2, block
+    assert block[0].endswith('pip install -e ".[all]" && graceful-close demo'), block[0]
+    assert block[1].endswith("python -m pytest") and '".[test]"' in block[1], block[1]
+    first_paragraphs = readme.split("```", 2)[2].split("\n\n", 2)[1]
+    assert "nginx" in first_paragraphs and "apache2" in first_paragraphs, first_paragraphs
+    assert "skip" in first_paragraphs

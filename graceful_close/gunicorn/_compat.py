@@ -6,9 +6,13 @@ running gunicorn still routes its closes and responses through the places we reb
 if not, the server refuses to start with one line naming gunicorn's version and what
 changed. Stock closes are never served silently.
 
-Tested with gunicorn 27.0. The asgi and gevent sections import gunicorn.asgi,
-gunicorn.workers.gasgi and gevent inside their checks only: importing
-graceful_close.gunicorn must not import them (nor uvicorn).
+Tested with gunicorn 27.0.1, with and without gunicorn_h1c 0.6.10 (gunicorn's C parser).
+The checks judge the internals, never the version number: a release we have not seen
+starts as long as what we rely on is still there.
+
+The asgi and gevent sections import gunicorn.asgi, gunicorn.workers.gasgi and gevent
+inside their checks only: importing graceful_close.gunicorn must not import them (nor
+uvicorn).
 """
 
 from __future__ import annotations
@@ -179,7 +183,7 @@ def check(found: list[str] | None = None) -> str | None:
     if not found:
         return None
     return (f"graceful-close: gunicorn {VERSION} is not supported: {'; '.join(found)} "
-            "(tested with gunicorn 27.0); refusing to serve stock closes")
+            "(tested with gunicorn 27.0.1); refusing to serve stock closes")
 
 
 def route_closes(hand_off: Callable[..., None]) -> None:
