@@ -150,8 +150,9 @@ def build_parser() -> OneLineParser:
         "demo", help="stock vs graceful servers side by side, on loopback",
         description="Start stock and graceful gunicorn workers and uvicorn protocols on "
                     "127.0.0.1 with the sample app, probe each and print one table. Stock "
-                    "rows are expected to fail; exit status 0 when the demo ran.")
-    demo.add_argument("--only", choices=("gunicorn", "uvicorn"), help="one server family")
+                    "rows are expected to fail. Exit status 1 when a server could not start "
+                    "or one of ours failed a scenario, else 0.")
+    demo.add_argument("--only", choices=tuple(_demo_families()), help="one server family")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=run_demo_command)
     return parser
@@ -218,6 +219,17 @@ def run_metrics_command(args: argparse.Namespace) -> int:
         time.sleep(3600)
 
 
+def _demo_families() -> list[str]:
+    from .demo import FAMILIES
+
+    return list(FAMILIES)
+
+
+# What installs the diagnostics' dependencies: graceful-close is not on the package index,
+# so from the checkout (or a wheel built from it), never by name alone.
+INSTALL_DIAGNOSTICS = 'pip install -e ".[diagnostics]" in a checkout of graceful-close'
+
+
 def run_demo_command(args: argparse.Namespace) -> int:
     from ..settings import Settings
     from .demo import render_demo, run_demo
@@ -225,6 +237,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
     # The graceful servers inherit GRACEFUL_CLOSE_*: a bad one is one line here, not a
     # start-up failure in every graceful row.
     Settings.from_env()
+    # The table needs rich: say so now, not after a minute of servers (issue 17 item 12).
+    if not args.json:
+        try:
+            import rich  # noqa: F401 - only whether it imports
+        except ImportError:
+            raise UsageError(f"graceful-close demo: the table needs rich: {INSTALL_DIAGNOSTICS} "
+                             "(or use --json)") from None
 
     progress = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     result = run_demo(only=args.only, progress=progress)
@@ -232,7 +251,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), indent=2))
     else:
         render_demo(result)
-    return 0
+    return 1 if result.failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,8 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     except ImportError as exc:
-        return _fail(f"graceful-close: missing dependency {exc.name or exc}: "
-                     "pip install 'graceful-close[diagnostics]'")
+        return _fail(f"graceful-close: missing dependency {exc.name or exc}: {INSTALL_DIAGNOSTICS}")
     except Exception as exc:
         from ..settings import SettingsError
         from .probe import ProbeError

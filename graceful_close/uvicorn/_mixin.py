@@ -47,13 +47,13 @@ class _Process:
     keepalive_header = False
 
 
-def _start_process() -> KeepAlivePolicy:
+def _start_process(protocol: type) -> KeepAlivePolicy:
     """The first connection of this process: check uvicorn's protocols, build the policy."""
     found = _compat.protocol_problems()
     if found:
         raise SystemExit(_compat.refusal(found))
     settings = current_settings()
-    lifecycle.first_connection()  # metrics, and the stop watch when uvicorn was started with us
+    lifecycle.first_connection(protocol)  # metrics, the start-up line if not logged yet, the stop watch
     _Process.keepalive_header = settings.keepalive_header
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
@@ -183,7 +183,7 @@ class LingeringCloseMixin(_Base):
     _gc_closing: bool  # a response that ends the connection was decided
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        policy = _Process.policy or _start_process()
+        policy = _Process.policy or _start_process(type(self))
         real = cast(asyncio.Transport, transport)
         now = self.loop.time()
         self._gc_transport = real
