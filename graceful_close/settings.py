@@ -15,12 +15,14 @@ for a server's start-up, where a bad value must end the process with one line.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 ENV_PREFIX = "GRACEFUL_CLOSE_"
@@ -34,11 +36,24 @@ log = logging.getLogger("graceful_close")
 
 
 class SettingsError(ValueError):
-    """A setting has a value outside its accepted range (message is one line)."""
+    """A setting has a value outside its accepted range (message is one line).
+
+    `setting` is the Settings field the value was for and `accepted` what it accepts, so
+    that from_env() can name the variable the user set instead (issue 17 item 8)."""
+
+    setting: str | None = None
+    accepted: str = ""
 
 
 def _fail(name: str, value: Any, accepted: str) -> SettingsError:
-    return SettingsError(f"graceful-close: invalid {name}={value!r}: expected {accepted}")
+    error = SettingsError(f"graceful-close: invalid {name}={value!r}: expected {accepted}")
+    error.setting, error.accepted = name, accepted
+    return error
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +113,27 @@ class Settings:
         """Defaults, then GRACEFUL_CLOSE_<NAME> variables, then keyword arguments."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        raw_values: dict[str, str] = {}  # what the environment said, for the error messages
         for field in dataclasses.fields(cls):
             raw = environ.get(ENV_PREFIX + field.name.upper())
             if raw is not None:
                 values[field.name] = _parse_env(field.name, raw)
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+                raw_values[field.name] = raw
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(known))
         if unknown:
-            names = ", ".join(sorted(unknown))
-            raise SettingsError(f"graceful-close: unknown setting(s) {names}; "
-                                f"known: {', '.join(f.name for f in dataclasses.fields(cls))}")
+            names = ", ".join(name + _did_you_mean(name, known) for name in unknown)
+            raise SettingsError(f"graceful-close: unknown setting(s) {names}; known: {', '.join(known)}")
         values.update(overrides)
-        settings = cls(**values)
+        try:
+            settings = cls(**values)
+        except SettingsError as exc:
+            # A value out of range from the environment: name the variable and the text the
+            # user wrote there, not the field and the parsed value.
+            if exc.setting in raw_values and exc.setting not in overrides:
+                raise _fail(ENV_PREFIX + exc.setting.upper(), raw_values[exc.setting],
+                            exc.accepted) from None
+            raise
         _warn_once(environ, settings)
         return settings
 
@@ -128,13 +153,31 @@ class Settings:
             env[ENV_PREFIX + field.name.upper()] = text
         return env
 
-    def describe(self) -> str:
-        """The startup log line of a server using these settings."""
-        return (f"graceful-close: linger_time={self.linger_time:g}s linger_timeout={self.linger_timeout:g}s "
-                f"keepalive_requests={self.keepalive_requests} keepalive_time={self.keepalive_time:g}s")
+    def describe(self, where: str = "") -> str:
+        """The one start-up log line of a server using these settings: every setting by name
+        (every field, so a new setting shows without a change here), after `where`, what
+        runs them (e.g. "gunicorn -k graceful_close.gunicorn.ThreadWorker")."""
+        values = " ".join(f"{field.name}={_describe(getattr(self, field.name))}"
+                          for field in dataclasses.fields(self))
+        return f"graceful-close: {where}; {values}" if where else f"graceful-close: {values}"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _describe(value: Any) -> str:
+    """A setting's value as the start-up line shows it (every float setting is in seconds)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}s"
+    if isinstance(value, tuple):
+        if any("," in item for item in value):
+            return json.dumps(list(value))
+        return ",".join(value) or "[]"
+    return str(value)
 
 
 def _check_seconds(name: str, value: Any, *, allow_zero: bool) -> None:
@@ -157,7 +200,8 @@ def _check_ua_rule(rule: str) -> None:
     if re.fullmatch(r"[a-z0-9_]+", rule):
         # Looks like a preset name, not a pattern: a typo should not silently match nothing.
         raise _fail("nokeepalive_user_agents", rule,
-                    f"a preset ({', '.join(UA_PRESETS)}) or a regex; unknown preset")
+                    f"a preset ({', '.join(UA_PRESETS)}) or a regex; unknown preset"
+                    + _did_you_mean(rule, list(UA_PRESETS)))
     try:
         re.compile(rule)
     except re.error as exc:
@@ -179,12 +223,18 @@ def _parse_env(name: str, raw: str) -> Any:
             return False
         raise _fail(env_name, raw, "one of 1/0, true/false, yes/no, on/off")
     if name == "nokeepalive_user_agents":
-        if text.startswith("["):
+        if text[:1] in ('[', '{', '"'):
+            # Looks like JSON: it must be a JSON list of strings, never a literal regex
+            # (issue 17 item 7: '{"a": 1}' was taken as the regex {"a": 1}).
             try:
                 parsed = json.loads(text)
             except ValueError:
-                raise _fail(env_name, raw, "a JSON list of strings or comma-separated presets") from None
-            return tuple(parsed) if isinstance(parsed, list) else parsed
+                parsed = None
+            if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+                raise _fail(env_name, raw, 'a JSON list of strings such as ["legacy", "Bot{1,3}"] '
+                            "(a value starting with [, { or \" is read as JSON), or "
+                            "comma-separated presets and regexes")
+            return tuple(parsed)
         return tuple(part.strip() for part in text.split(",") if part.strip())
     if name == "linger_max_bytes" and text.lower() in {"", "none"}:
         return None
@@ -208,8 +258,9 @@ def _warn_once(environ: Mapping[str, str], settings: Settings) -> None:
     unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):] not in known)
     if unknown and "unknown" not in _warned:
         _warned.add("unknown")
-        log.warning("graceful-close: ignoring unknown variable(s) %s; known: %s", ", ".join(unknown),
-                    ", ".join(ENV_PREFIX + n for n in sorted(known)))
+        names = sorted(ENV_PREFIX + n for n in known)
+        log.warning("graceful-close: ignoring unknown variable(s) %s; known: %s",
+                    ", ".join(name + _did_you_mean(name, names) for name in unknown), ", ".join(names))
     if settings.linger_timeout > settings.linger_time and "timeouts" not in _warned:
         _warned.add("timeouts")
         log.warning("graceful-close: linger_timeout=%g is longer than linger_time=%g; "
@@ -234,6 +285,13 @@ def configure(**kwargs: Any) -> Settings:
         raise SystemExit(str(exc)) from None
     os.environ.update(settings.to_env())
     _current = settings
+    if "gunicorn.config" in sys.modules:
+        # A gunicorn.conf.py in gunicorn's master: serve `-k graceful_close.gunicorn.SyncWorker
+        # --threads N` (the sync worker's old name) with our ThreadWorker instead of letting
+        # gunicorn swap it for stock gthread (graceful_close.gunicorn._compat, reach 8).
+        from .gunicorn import _compat
+
+        _compat.install_sync_worker_guard()
     return settings
 
 
@@ -253,9 +311,33 @@ def startup_settings() -> Settings:
         raise SystemExit(str(exc)) from None
 
 
+# ---- issue 17 item 6: one start-up line per server ---------------------------------------
+
+# Whether announce() has logged in this process. A worker that gunicorn forks inherits its
+# master's answer, so the master's line is not repeated by each worker (UvicornWorker).
+_announced = False
+
+
+def announce(where: str, emit: Callable[[str], None]) -> Settings:
+    """At a server's start: validate the settings (a bad value exits with one line) and log the
+    one line saying graceful-close runs there, with every effective setting, through `emit`
+    (the server's own log), once per process."""
+    global _announced
+    settings = startup_settings()
+    if not _announced:
+        _announced = True
+        emit(settings.describe(where))
+    return settings
+
+
+def announced() -> bool:
+    return _announced
+
+
 def reset_for_tests() -> None:
     """Forget configured settings and the warnings given (tests that configure more than
     once in one process)."""
-    global _current
+    global _current, _announced
     _current = None
+    _announced = False
     _warned.clear()

@@ -9,7 +9,7 @@ GRACEFUL_CLOSE_* environment variables fill in what configure() leaves out.
 import multiprocessing
 import os
 
-from graceful_close.gunicorn import configure
+from graceful_close import configure
 
 wsgi_app = "flask_app:app"
 pythonpath = os.path.dirname(os.path.abspath(__file__))  # where flask_app.py lives

@@ -11,7 +11,7 @@ there is no "Keep-Alive" header. For those, use gunicorn.conf.py (our worker).
 
 import os
 
-from graceful_close.gunicorn import configure
+from graceful_close import configure
 from graceful_close.gunicorn_hooks import on_starting, pre_request  # noqa: F401 (hooks by name)
 
 wsgi_app = "flask_app:app"

@@ -99,3 +99,18 @@ def test_console_script_error_and_help() -> None:
     assert "safe to point at a production server" in help_text and "--upload-size" in help_text
     version = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=30)
     assert version.stdout.startswith("graceful-close ")
+
+
+def test_python_dash_m_runs_the_same_command_line() -> None:
+    """Issue 17 item 13: `python -m graceful_close` is `graceful-close`, errors included."""
+    version = subprocess.run([sys.executable, "-m", "graceful_close", "--version"],
+                             capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("graceful-close "), version
+    done = subprocess.run([sys.executable, "-m", "graceful_close", "probe", "http://127.0.0.1:1/"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "cannot reach" in done.stderr
+    imported = subprocess.run([sys.executable, "-c", "import sys, graceful_close; "
+                               "print([m for m in sys.modules if 'diagnostics' in m or m == 'rich'])"],
+                              capture_output=True, text=True, timeout=30)
+    assert imported.stdout.strip() == "[]", imported

@@ -1,4 +1,4 @@
-"""graceful_close.gunicorn.SyncWorker and ThreadWorker against real gunicorn processes.
+"""graceful_close.gunicorn.SyncLingerWorker and ThreadWorker against real gunicorn processes.
 
 Stock gunicorn 27 closes with util.close_graceful: SHUT_WR, then a blocking read of
 at most 2 s / 64 KiB on the worker's own thread (the gthread poller). The tests show
@@ -78,7 +78,7 @@ def test_never_closing_clients_do_not_stall_a_normal_client(start_server, kind: 
     """50 clients that read their response and never close arrive one per 20 ms; a
     normal client meanwhile sends one request after another. One worker (gthread: two
     threads): stock lingers 2 s per such client on the worker, ours hands it off."""
-    # Not --threads for sync: gunicorn then swaps any "*SyncWorker" for stock gthread.
+    # Not --threads for sync: stock sync would become stock gthread (and ours our ThreadWorker).
     threads = ["--threads", "2"] if kind == "gthread" else []
     server = start_server(gunicorn_server(SAMPLE_WSGI, worker_class(kind, ours), args=threads,
                                           env={"GRACEFUL_CLOSE_LINGER_TIMEOUT": "1"}))
@@ -137,7 +137,8 @@ def _released_after_keepalive_expiry(port: int, hold: float) -> float | None:
 
 def test_silent_client_released_after_linger_timeout(our_server) -> None:
     """Every close path lingers on the lingerer: the silent client is released (with
-    abort_on_timeout=true: RST, sent only once every response byte is acknowledged) linger_timeout after the FIN.
+    abort_on_timeout=true: RST, sent only once every response byte is acknowledged)
+    linger_timeout after the FIN.
     Stock closes plainly after 2 s and the client never learns it (orphan FIN_WAIT_2)."""
     tgt = target(our_server)
     paths = ["/", "/raise", "/raise-after-headers", "/upload?size=200000"]
@@ -212,14 +213,16 @@ def test_bad_setting_stops_gunicorn_with_one_line(tmp_path: Path, how: str) -> N
     """check_config (env), configure() in gunicorn.conf.py and the hooks' on_starting."""
     env: dict[str, str] = {}
     args = ["-k", "graceful_close.gunicorn.ThreadWorker"]
-    expected = "graceful-close: invalid linger_time=-1.0: expected a number of seconds > 0"
+    # Issue 17 item 8: what the user wrote, where: the variable and its text, or the keyword.
+    expected = "graceful-close: invalid GRACEFUL_CLOSE_LINGER_TIME='-1': expected a number of seconds > 0"
     if how == "env":
         env["GRACEFUL_CLOSE_LINGER_TIME"] = "-1"
     elif how == "configure":
         conf = tmp_path / "gunicorn.conf.py"
-        conf.write_text("from graceful_close.gunicorn import configure\n"
+        conf.write_text("from graceful_close import configure\n"
                         "configure(linger_time=-1.0)\n")
         args += ["-c", str(conf)]
+        expected = "graceful-close: invalid linger_time=-1.0: expected a number of seconds > 0"
     else:
         conf = tmp_path / "gunicorn.conf.py"
         conf.write_text("from graceful_close.gunicorn_hooks import on_starting, pre_request\n")

@@ -232,9 +232,10 @@ def test_peer_already_reset(listener):
 
 
 def test_young_evicted_socket_is_reset_not_orphaned(listener):
-    """With abort_on_timeout=true: evicted before the client acked our FIN (a delayed ACK): only the FIN is outstanding
-    (SIOCOUTQ 1), so RST loses nothing and spares a 60 s FIN_WAIT_2 orphan. Counting the
-    FIN as data (outstanding must be 0) made this close a plain one."""
+    """With abort_on_timeout=true: evicted before the client acked our FIN (a delayed ACK):
+    only the FIN is outstanding (SIOCOUTQ 1), so RST loses nothing and spares a 60 s
+    FIN_WAIT_2 orphan. Counting the FIN as data (outstanding must be 0) made this close a
+    plain one."""
     engine, counters = make(max_lingering=1, linger_time=30, linger_timeout=30,
                             abort_on_timeout=True)  # the opt-in (issue 20)
     first_client, first = pair(listener)

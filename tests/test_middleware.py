@@ -133,8 +133,9 @@ def test_bad_setting_under_uvicorn_is_one_line_and_a_failed_exit(recipe, tmp_pat
         env={**os.environ, "GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS": "MSIE ["},
         capture_output=True, text=True, timeout=60)
     assert done.returncode != 0, done.stderr
-    about = [line for line in done.stderr.splitlines() if "nokeepalive_user_agents" in line]
+    about = [line for line in done.stderr.splitlines() if "NOKEEPALIVE_USER_AGENTS" in line]
     assert len(about) == 1 and "expected a valid regex" in about[0], done.stderr
+    assert "GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS='MSIE ['" in about[0]  # as the user wrote it
     assert "Traceback" not in done.stderr and "Uvicorn running" not in done.stderr, done.stderr
 
 

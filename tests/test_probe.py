@@ -7,6 +7,7 @@ report the stock server's failure (truncation, RST) and pass ours.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -70,7 +71,15 @@ def test_probe_reports_stock_uvicorn_truncation_and_passes_ours(uvicorn_httptool
         assert close["ending"] == "RST"
         assert close["data"]["same_write"]["result"] == "ok"
         assert scenarios["idle"]["status"] == "warn"
-        assert "ECONNRESET instead of a clean EOF" in scenarios["idle"]["evidence"]
+        idle = scenarios["idle"]["evidence"]
+        assert "ECONNRESET instead of a clean EOF" in idle
+        # In words (issue 17 item 15), not "(after its FIN: FIN, then RST; -5 ms: answered)".
+        assert "the request sent right after the server closed the connection" in idle
+        assert re.search(r"the request sent 5 ms before its 1\.\d\d s idle timeout", idle), idle
+        assert not re.search(r"[+-]\d+ ms:", idle), idle
+        # Each finding names our class for uvicorn (issue 19 item 11).
+        assert all("graceful_close.uvicorn:AutoHTTPProtocol" in scenarios[name]["hint"]
+                   for name in ("close-pipeline", "idle", "drain", "upload")), scenarios
         assert scenarios["drain"]["status"] == "fail"
         assert scenarios["drain"]["finding"] == "never-lingers"
         # It keeps the connection open past its idle timeout after an early 413: WARN.
@@ -79,6 +88,7 @@ def test_probe_reports_stock_uvicorn_truncation_and_passes_ours(uvicorn_httptool
     else:
         assert status == 0, (stderr, report)
         assert {s["status"] for s in report["scenarios"]} == {"pass"}, report
+        assert [s["hint"] for s in report["scenarios"]] == [""] * 5  # nothing to cure
         assert close["data"]["received"] == 2_000_000 and close["ending"] == "FIN"
         assert scenarios["drain"]["data"]["still_draining"] is True
 
@@ -105,6 +115,7 @@ def test_probe_gthread_upload_drain_and_request_cap(start_server, ours: bool) ->
         assert status == 1
         assert upload["status"] == "fail" and upload["data"]["received"] < 1_000_000
         assert upload["data"]["status"] == 413
+        assert "graceful_close.gunicorn.ThreadWorker" in upload["hint"]
         assert drain["status"] == "fail" and drain["data"]["drained_for"] < 4
         assert pipeline["data"]["complete"] == 120  # stock gthread has no request cap
 

@@ -110,11 +110,11 @@ def test_nginx_default_in_flight_pipelined_requests_meet_rst(nginx_default: Real
     close = found["close-pipeline"]
     assert status == 1 and close["status"] == "fail", report
     assert close["finding"] == "in-flight-reset", close
-    assert close["data"]["same_write"] == {"status": 200, "received": BIG_SIZE,
-                                           "ending": "FIN", "result": "ok"}
+    assert close["data"]["same_write"].items() >= {"status": 200, "received": BIG_SIZE,
+                                                   "ending": "FIN", "result": "ok"}.items()
     assert close["data"]["in_flight"]["result"] == "rst"
     assert close["data"]["received"] < close["data"]["expected"] == BIG_SIZE
-    assert "lingering_close always" in close["evidence"]
+    assert "lingering_close always" in close["hint"]
     assert found["pipeline"]["status"] == "pass"
     assert found["idle"]["status"] == "not-exercised"
     assert "--idle-max" in found["idle"]["evidence"]
@@ -250,6 +250,8 @@ def test_hypercorn_resets_in_flight_requests_and_early_answers() -> None:
     assert raw.body_bytes < 1_000_000 and raw.ending == "RST"
     assert found["drain"]["status"] == "fail" and found["drain"]["finding"] == "never-lingers"
     assert found["idle"]["status"] == "warn", found["idle"]
+    # A server graceful-close does not support (yet): the cure in general terms.
+    assert "a lingering close cures it" in upload["hint"] and "graceful_close" not in upload["hint"]
 
 
 def test_waitress_small_body_limit_resets_its_413() -> None:

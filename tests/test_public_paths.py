@@ -11,7 +11,8 @@ import pytest
 
 PUBLIC = [  # as the README and the command lines spell them
     "graceful_close.gunicorn.ThreadWorker",   # -k
-    "graceful_close.gunicorn.SyncWorker",
+    "graceful_close.gunicorn.SyncLingerWorker",
+    "graceful_close.gunicorn.SyncWorker",     # the old name, an alias
     "graceful_close.gunicorn.UvicornWorker",
     "graceful_close.uvicorn:HttpToolsProtocol",  # --http
     "graceful_close.uvicorn:H11Protocol",

@@ -1,5 +1,6 @@
 """Settings: defaults follow nginx, env and kwargs layer correctly, bad values fail in one line."""
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -165,3 +166,73 @@ def test_keepalive_header_is_off_by_default_and_parsed_from_the_environment():
     with pytest.raises(SettingsError, match="keepalive_header=1: expected true or false"):
         Settings(keepalive_header=1)  # type: ignore[arg-type]
     assert Settings.from_env(Settings(keepalive_header=True).to_env()).keepalive_header is True
+
+
+# ---- issue 17 items 7 and 8: errors name what the user wrote, where they wrote it ----------
+
+@pytest.mark.parametrize("raw", ['{"a": 1}', '"legacy"', '["a", 1]', "[not json", "{", '[["a"]]'])
+def test_user_agents_that_look_like_json_must_be_a_json_list_of_strings(raw):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS": raw})
+    message = str(err.value)
+    assert f"GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS={raw!r}" in message, message
+    assert "JSON list of strings" in message and "\n" not in message
+
+
+def test_a_json_list_of_strings_and_comma_separated_rules_are_accepted():
+    env = "GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS"
+    assert Settings.from_env({env: ' ["Bot{1,3}", "msie6"] '}).nokeepalive_user_agents == \
+        ("Bot{1,3}", "msie6")
+    assert Settings.from_env({env: "[]"}).nokeepalive_user_agents == ()
+    assert Settings.from_env({env: "safari, Bot/1"}).nokeepalive_user_agents == ("safari", "Bot/1")
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("LINGER_TIME", "-1"), ("LINGER_TIMEOUT", "0"), ("KEEPALIVE_TIME", "1e9"),
+    ("MAX_LINGERING", "0"), ("KEEPALIVE_REQUESTS", "-3"), ("LINGER_MAX_BYTES", "0"),
+    ("NOKEEPALIVE_USER_AGENTS", "MSIE ["), ("NOKEEPALIVE_USER_AGENTS", "legacyy"),
+])
+def test_env_range_errors_name_the_variable_and_the_text_written(name, raw):
+    """Not `invalid linger_time=-1.0` (the field and the parsed value): the variable the user
+    set and exactly what they wrote there."""
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"GRACEFUL_CLOSE_" + name: raw})
+    message = str(err.value)
+    assert message.startswith(f"graceful-close: invalid GRACEFUL_CLOSE_{name}={raw!r}: expected "), message
+    assert f"{name.lower()}=" not in message and "\n" not in message
+
+
+def test_unknown_preset_suggests_the_nearest():
+    with pytest.raises(SettingsError, match=r"did you mean legacy\?"):
+        Settings.from_env({"GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS": "legacyy"})
+
+
+def test_configure_errors_name_the_keyword(fresh_settings):
+    """A keyword argument's error names the keyword and the value passed, even when the
+    environment sets the same setting."""
+    os.environ["GRACEFUL_CLOSE_LINGER_TIME"] = "7"
+    with pytest.raises(SystemExit) as ended:
+        settings.configure(linger_time=-1)
+    assert str(ended.value.code).startswith("graceful-close: invalid linger_time=-1: expected")
+    with pytest.raises(SystemExit, match=r"linger_tme \(did you mean linger_time\?\)"):
+        settings.configure(linger_tme=3)
+
+
+def test_unknown_variable_suggests_the_nearest_known_name(fresh_settings, caplog):
+    Settings.from_env({"GRACEFUL_CLOSE_LINGER_TIMOUT": "3", "GRACEFUL_CLOSE_KEEPALIVE_HEADERS": "1"})
+    warned = _warnings(caplog)
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert "GRACEFUL_CLOSE_LINGER_TIMOUT (did you mean GRACEFUL_CLOSE_LINGER_TIMEOUT?)" in warned[0]
+    assert "GRACEFUL_CLOSE_KEEPALIVE_HEADERS (did you mean GRACEFUL_CLOSE_KEEPALIVE_HEADER?)" in warned[0]
+
+
+def test_describe_names_every_setting():
+    """Issue 17 item 6: the start-up line shows every setting, new ones included."""
+    line = Settings(keepalive_header=True, max_lingering=7,
+                    nokeepalive_user_agents=("msie6", "Bot{1,3}")).describe("gunicorn X")
+    assert line.startswith("graceful-close: gunicorn X; ") and "\n" not in line
+    for field in dataclasses.fields(Settings):
+        assert f" {field.name}=" in line, field.name
+    assert "max_lingering=7" in line and "keepalive_header=true" in line
+    assert 'nokeepalive_user_agents=["msie6", "Bot{1,3}"]' in line
+    assert "linger_time=30s" in line and "linger_max_bytes=none" in line

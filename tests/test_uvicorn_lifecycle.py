@@ -230,10 +230,10 @@ SCRIPT = textwrap.dedent('''
 
     import uvicorn
 
-    import graceful_close.uvicorn
+    from graceful_close import configure
 
     if __name__ == "__main__":
-        graceful_close.uvicorn.configure(keepalive_requests=2)
+        configure(keepalive_requests=2)
         uvicorn.run("lifecycle_app:app", host="127.0.0.1", port=0, workers=2,
                     http=sys.argv[1], timeout_keep_alive=60)
 ''')

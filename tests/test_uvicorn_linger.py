@@ -169,5 +169,5 @@ def test_a_bad_setting_fails_startup_with_a_one_line_error() -> None:
         env={**os.environ, "GRACEFUL_CLOSE_LINGER_TIMEOUT": "-1"},
         capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
-    assert proc.stderr.strip() == ("graceful-close: invalid linger_timeout=-1.0: expected a "
-                                   "number of seconds > 0 and <= 86400"), proc.stderr
+    assert proc.stderr.strip() == ("graceful-close: invalid GRACEFUL_CLOSE_LINGER_TIMEOUT='-1': "
+                                   "expected a number of seconds > 0 and <= 86400"), proc.stderr

@@ -126,6 +126,7 @@ def test_a_bad_setting_stops_gunicorn_with_one_line() -> None:
         env={**os.environ, "GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "-5"},
         capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
-    assert ("graceful-close: invalid keepalive_requests=-5: expected an integer >= 0 (0 = no cap)"
+    assert ("graceful-close: invalid GRACEFUL_CLOSE_KEEPALIVE_REQUESTS='-5': expected an integer "
+            ">= 0 (0 = no cap)"
             in proc.stderr.splitlines()), proc.stderr
     assert "Traceback" not in proc.stderr and "Booting worker" not in proc.stderr

@@ -41,10 +41,16 @@ class KeepAliveDecision(NamedTuple):
 
     def keep_alive_header(self, idle_timeout: float) -> bytes:
         """The value of an accurate Keep-Alive header for a response that keeps the connection."""
-        value = f"timeout={int(idle_timeout)}"
-        if self.remaining_requests is not None:
-            value += f", max={self.remaining_requests}"
-        return value.encode("latin-1")
+        return keep_alive_value(idle_timeout, self.remaining_requests).encode("latin-1")
+
+
+def keep_alive_value(idle_timeout: float, remaining_requests: int | None) -> str:
+    """The Keep-Alive header's value (keepalive_header=true), the same from every server:
+    "timeout=<idle seconds>", and ", max=<requests left>" when the request cap is on."""
+    value = f"timeout={int(idle_timeout)}"
+    if remaining_requests is not None:
+        value += f", max={max(remaining_requests, 0)}"
+    return value
 
 
 def _nginx_msie6(ua: str) -> bool:

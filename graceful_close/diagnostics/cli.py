@@ -65,7 +65,7 @@ def _scenario_list(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> OneLineParser:
-    from .probe import PROBE_LIMITS, SCENARIOS
+    from .probe import IDLE_MAX_DEFAULT, PROBE_LIMITS, SCENARIOS
 
     parser = OneLineParser(prog="graceful-close",
                            description="Lingering close for gunicorn and uvicorn: diagnostics.")
@@ -98,13 +98,15 @@ def build_parser() -> OneLineParser:
                        help="instead of --big-path: a >= 1 MB response the application answers "
                             "with Connection: close (GET with HTTP/1.1)")
     probe.add_argument("--upload-path", metavar="PATH",
-                       help="where to POST the oversized upload: any endpoint with a small body "
-                            "limit (nginx client_max_body_size, Apache LimitRequestBody)")
+                       help="where to POST the oversized upload: any endpoint that answers a "
+                            "large body before reading it (a small body limit, an auth check)")
     probe.add_argument("--upload-size", type=size, default=8 << 20, metavar="BYTES",
                        help="upload size, up to 64M (default 8M)")
-    probe.add_argument("--idle-max", type=positive(float), default=10.0, metavar="S",
-                       help="longest keep-alive idle timeout to wait for, up to 120 (default 10); "
-                            "a Keep-Alive: timeout= header from the server is used when sent")
+    probe.add_argument("--idle-max", type=positive(float), default=IDLE_MAX_DEFAULT, metavar="S",
+                       help="longest keep-alive idle timeout to wait for, up to 120 (default "
+                            f"{IDLE_MAX_DEFAULT:g}: not a common timeout, so a server's own "
+                            "timeout is either measured or clearly above it); a Keep-Alive: "
+                            "timeout= header from the server is used when sent")
     probe.add_argument("--drain-time", type=positive(float), default=5.0, metavar="S",
                        help="how long the server should keep draining after its FIN (default 5)")
     probe.add_argument("--max-bytes", type=size, default=16 << 20, metavar="BYTES",
@@ -148,8 +150,9 @@ def build_parser() -> OneLineParser:
         "demo", help="stock vs graceful servers side by side, on loopback",
         description="Start stock and graceful gunicorn workers and uvicorn protocols on "
                     "127.0.0.1 with the sample app, probe each and print one table. Stock "
-                    "rows are expected to fail; exit status 0 when the demo ran.")
-    demo.add_argument("--only", choices=("gunicorn", "uvicorn"), help="one server family")
+                    "rows are expected to fail. Exit status 1 when a server could not start "
+                    "or one of ours failed a scenario, else 0.")
+    demo.add_argument("--only", choices=tuple(_demo_families()), help="one server family")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=run_demo_command)
     return parser
@@ -216,6 +219,17 @@ def run_metrics_command(args: argparse.Namespace) -> int:
         time.sleep(3600)
 
 
+def _demo_families() -> list[str]:
+    from .demo import FAMILIES
+
+    return list(FAMILIES)
+
+
+# What installs the diagnostics' dependencies: graceful-close is not on the package index,
+# so from the checkout (or a wheel built from it), never by name alone.
+INSTALL_DIAGNOSTICS = 'pip install -e ".[diagnostics]" in a checkout of graceful-close'
+
+
 def run_demo_command(args: argparse.Namespace) -> int:
     from ..settings import Settings
     from .demo import render_demo, run_demo
@@ -223,6 +237,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
     # The graceful servers inherit GRACEFUL_CLOSE_*: a bad one is one line here, not a
     # start-up failure in every graceful row.
     Settings.from_env()
+    # The table needs rich: say so now, not after a minute of servers (issue 17 item 12).
+    if not args.json:
+        try:
+            import rich  # noqa: F401 - only whether it imports
+        except ImportError:
+            raise UsageError(f"graceful-close demo: the table needs rich: {INSTALL_DIAGNOSTICS} "
+                             "(or use --json)") from None
 
     progress = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     result = run_demo(only=args.only, progress=progress)
@@ -230,7 +251,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), indent=2))
     else:
         render_demo(result)
-    return 0
+    return 1 if result.failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,8 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     except ImportError as exc:
-        return _fail(f"graceful-close: missing dependency {exc.name or exc}: "
-                     "pip install 'graceful-close[diagnostics]'")
+        return _fail(f"graceful-close: missing dependency {exc.name or exc}: {INSTALL_DIAGNOSTICS}")
     except Exception as exc:
         from ..settings import SettingsError
         from .probe import ProbeError

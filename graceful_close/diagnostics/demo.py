@@ -2,12 +2,18 @@
 
 For every supported worker/protocol it starts the stock server and ours with the
 sample app, runs the probe's scenarios against each, measures the worst stall of
-a normal client while clients that never close arrive, and prints one table.
-Stock rows are expected to fail: that is the point of the demonstration.
+a normal client while clients that never close arrive, and prints one table that
+reads at 100 columns (short headings, a legend below). Stock rows are expected to
+fail: that is the point of the demonstration. The exit status is 1 when a server
+could not start or one of ours failed a scenario (DemoResult.failed).
+
+The servers are data: FAMILIES lists each family's kinds (stock and ours) and how
+to launch one; a new server is a new entry there.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -25,7 +31,7 @@ from .launch import (
     gunicorn_server,
     uvicorn_server,
 )
-from .probe import FAIL, NOT_EXERCISED, PASS, WARN, ProbeConfig, ProbeReport, Verdict, run_probe
+from .probe import NOT_EXERCISED, PASS, WARN, ProbeConfig, ProbeReport, Verdict, run_probe
 from .scenarios import Target, never_closing, timed_request
 
 if TYPE_CHECKING:
@@ -45,51 +51,74 @@ NORMAL_TIMEOUT = 3.0             # a normal request slower than this counts as 3
 STOP_WAIT = 5.0
 PARALLEL_SERVERS = 3             # servers probed at once (they mostly wait on timers)
 
-COLUMNS = (  # (scenario key, column title)
-    ("close-pipeline", "2 MB response\n(close) + 5\npipelined"),
-    ("upload", "early 413\n(1 MB) to an\n8 MB upload"),
-    ("pipeline", "200 pipelined\n(ours: cap\n100)"),
-    ("idle", "request at\nidle timeout\n(1 s)"),
-    ("drain", f"upload goes\non after 413\n(for {DRAIN_WINDOW:g} s)"),
-    ("stall", f"worst stall\n({NEVER_CLOSING} never-\nclosing)"),
+# (scenario key, column heading, what the legend says of it). Headings stay short so that
+# the table reads at 100 columns (issue 17 item 10); the legend below says the rest.
+COLUMNS = (
+    ("close-pipeline", "2 MB close\n+pipelined",
+     "a 2 MB Connection: close response with 5 requests pipelined behind it"),
+    ("upload", "early 413\nto upload",
+     "a 1 MB 413 answered before the app reads an 8 MB upload"),
+    ("pipeline", "200\npipelined", "200 requests pipelined on one connection (ours: cap 100)"),
+    ("idle", "at idle\ntimeout", "a request sent just as the 1 s keep-alive timeout ends"),
+    ("drain", "upload on\nafter 413", f"the upload goes on for {DRAIN_WINDOW:g} s after the early 413"),
+    ("stall", "worst\nstall", f"a normal client's slowest request while {NEVER_CLOSING} "
+                                "clients that never close arrive"),
 )
+LEGEND_MARK = ("{mark}: lost response bytes, a reset (RST), a connection left open after the "
+               "answer, or a wait >= 1 s.")
+CELL_LEGEND = ("whole: every response byte arrived; 'N kB, RST': N kB of the body, then a reset.\n"
+               "FIN, RST, open, EOF: how the connection ended; n/a: no keep-alive to time out.")
+
+
+def _gunicorn_process(kind: str, spec: str, env: dict[str, str]) -> ServerProcess:
+    # One worker; gthread gets two threads (stock sync would become gthread with them).
+    args = ["--keep-alive", KEEPALIVE_SECONDS, "--graceful-timeout", "3"]
+    if kind == "gthread":
+        args += ["--threads", "2"]
+    app = SAMPLE_ASGI if kind in ASGI_WORKERS else SAMPLE_WSGI
+    return gunicorn_server(app, spec, args=args, env=env)
+
+
+def _uvicorn_process(kind: str, spec: str, env: dict[str, str]) -> ServerProcess:
+    return uvicorn_server(SAMPLE_ASGI, spec, env=env,
+                          args=["--timeout-keep-alive", KEEPALIVE_SECONDS,
+                                "--timeout-graceful-shutdown", "3"])
+
+
+# family: (its kinds as {kind: (stock spec, our spec)}, how to launch one kind with a spec).
+FAMILIES: dict[str, tuple[dict[str, tuple[str, str]],
+                          Callable[[str, str, dict[str, str]], ServerProcess]]] = {
+    "gunicorn": (GUNICORN_WORKERS, _gunicorn_process),
+    "uvicorn": (UVICORN_PROTOCOLS, _uvicorn_process),
+}
 
 
 @dataclass(frozen=True)
 class DemoServer:
-    family: str     # gunicorn or uvicorn
+    family: str     # a key of FAMILIES
     kind: str       # sync, gthread, uvicorn-worker, asgi, gevent, h11, httptools, zttp
     graceful: bool
     spec: str       # worker class or --http value
 
     @property
+    def name(self) -> str:
+        return f"{self.family} {self.kind}"
+
+    @property
     def label(self) -> str:
-        return f"{self.family} {self.kind} {'graceful' if self.graceful else 'stock'}"
+        return f"{self.name} {'graceful' if self.graceful else 'stock'}"
 
     def process(self) -> ServerProcess:
-        env = OUR_ENV if self.graceful else {}
-        if self.family == "gunicorn":
-            # One worker; gthread gets two threads (not sync: gunicorn would swap it for gthread).
-            args = ["--keep-alive", KEEPALIVE_SECONDS, "--graceful-timeout", "3"]
-            if self.kind == "gthread":
-                args += ["--threads", "2"]
-            app = SAMPLE_ASGI if self.kind in ASGI_WORKERS else SAMPLE_WSGI
-            return gunicorn_server(app, self.spec, args=args, env=env)
-        return uvicorn_server(SAMPLE_ASGI, self.spec, env=env,
-                              args=["--timeout-keep-alive", KEEPALIVE_SECONDS,
-                                    "--timeout-graceful-shutdown", "3"])
+        return FAMILIES[self.family][1](self.kind, self.spec, OUR_ENV if self.graceful else {})
 
 
 def demo_servers(only: str | None = None) -> list[DemoServer]:
     servers = []
-    if only in (None, "gunicorn"):
-        for kind, (stock, ours) in GUNICORN_WORKERS.items():
-            servers += [DemoServer("gunicorn", kind, False, stock),
-                        DemoServer("gunicorn", kind, True, ours)]
-    if only in (None, "uvicorn"):
-        for kind, (stock, ours) in UVICORN_PROTOCOLS.items():
-            servers += [DemoServer("uvicorn", kind, False, stock),
-                        DemoServer("uvicorn", kind, True, ours)]
+    for family, (kinds, _launch) in FAMILIES.items():
+        if only in (None, family):
+            for kind, (stock, ours) in kinds.items():
+                servers += [DemoServer(family, kind, False, stock),
+                            DemoServer(family, kind, True, ours)]
     return servers
 
 
@@ -115,7 +144,7 @@ class DemoRow:
                 "worst_stall_ms": None if self.worst_stall is None
                 else round(self.worst_stall * 1000),
                 "normal_requests": self.normal_requests,
-                "cells": {key: cell(self, key)[0] for key, _ in COLUMNS} if not self.error else {},
+                "cells": {key: cell(self, key)[0] for key, *_ in COLUMNS} if not self.error else {},
                 "probe": self.report.as_dict() if self.report else None}
 
 
@@ -128,6 +157,13 @@ class DemoResult:
     def errors(self) -> list[DemoRow]:
         return [row for row in self.rows if row.error]
 
+    @property
+    def failed(self) -> list[DemoRow]:
+        """What makes the demo exit 1: servers that did not start, and our servers that failed
+        a scenario (a stock failure is the demonstration)."""
+        return [row for row in self.rows if row.error or (
+            row.server.graceful and row.report is not None and row.report.failed)]
+
     def as_dict(self) -> dict[str, object]:
         return {"elapsed": round(self.elapsed, 2), "rows": [row.as_dict() for row in self.rows]}
 
@@ -137,16 +173,21 @@ def _normal_request(port: int) -> float:
     return timed_request(Target("127.0.0.1", port), NORMAL_TIMEOUT)
 
 
+_ERROR_LINE = re.compile(r"^(?:\w+(?:Error|Exception)|graceful-close): ")
+
+
 def _reason(exc: Exception) -> str:
-    """One short line for the table: a server that did not start says why in the last line
-    of its log (e.g. a missing extra), not with its whole command line."""
+    """One line for the note under the table: a server that did not start says why in its log
+    (the last "SomethingError: ..." or "graceful-close: ..." line there, e.g. a missing extra;
+    else its last line), not with its whole command line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
     reason = lines[0]
-    if reason.startswith("server did not start") and len(lines) > 1:
-        reason = f"server did not start: {lines[-1]}"
-    return reason if len(reason) <= 100 else reason[:99] + "…"
+    if len(lines) > 1 and reason.startswith(("server did not start", "server never answered")):
+        errors = [line for line in lines[1:] if _ERROR_LINE.match(line)]
+        reason = f"{reason.split(':')[0]}: {(errors or lines)[-1]}"
+    return reason if len(reason) <= 200 else reason[:199] + "…"
 
 
 def worst_stall(port: int) -> tuple[float, int]:
@@ -218,16 +259,19 @@ def run_demo(only: str | None = None, progress: Callable[[str], None] | None = N
 
 
 def _bytes_cell(v: Verdict) -> str:
-    received = v.data.get("received")
     ending = {"FIN+RST": "FIN+RST", "OPEN": "open"}.get(str(v.data.get("ending")),
-                                                             str(v.data.get("ending")))
+                                                         str(v.data.get("ending")))
     if v.status in (PASS, WARN):
-        return f"intact, {ending}"
-    return f"{received} B, {ending}"
+        return f"whole, {ending}"
+    received = v.data.get("received")
+    amount = f"{received / 1000:.0f} kB" if isinstance(received, (int, float)) else "cut"
+    return f"{amount}, {ending}"
 
 
 def cell(row: DemoRow, scenario: str) -> tuple[str, bool | None]:
-    """Text of one table cell and whether it is good (None: neutral)."""
+    """Text of one table cell and whether it is good (None: neutral, nothing was tried).
+    Bad is what the legend says a client suffers: lost bytes, RST, a connection left open
+    after the answer (FAIL and WARN verdicts both), or a stall of 1 s or more."""
     if scenario == "stall":
         if row.worst_stall is None:
             return "-", None
@@ -235,59 +279,86 @@ def cell(row: DemoRow, scenario: str) -> tuple[str, bool | None]:
     v = row.verdict(scenario)
     if v is None:
         return "-", None
-    good = None if v.status not in (PASS, FAIL) else v.status == PASS
+    if v.finding == "no-keep-alive":  # idle, on a server without keep-alive: nothing to time out
+        return "n/a", None
     if v.status == NOT_EXERCISED:
-        return "not exercised", good
+        return "not tried", None
+    good = v.status == PASS
     if scenario in ("close-pipeline", "upload"):
         return _bytes_cell(v), good
     if scenario == "pipeline":
         ending = {"FIN+RST": "FIN+RST"}.get(str(v.data["ending"]), str(v.data["ending"]))
         return f"{v.data['complete']}/{v.data['requests']}, {ending}", good
     if scenario == "idle":
-        if (v.data.get("idle_timeout") or 0) <= 0.05 and v.status == PASS:
-            return "no keep-alive", good
-        return ("clean EOF" if v.status == PASS else "RST"), good
+        if (v.data.get("idle_timeout") or 0) <= 0.05 and good:
+            return "n/a", good
+        return ("EOF" if good else "RST"), good
     drained = v.data.get("drained_for", 0.0)
-    if v.status == PASS:
+    if good:
         return f">= {drained:.1f} s", good
     return f"{drained:.1f} s, RST", good
 
 
+def short_reason(error: str) -> str:
+    """A few words for the cell of a server that did not start (the whole reason is in a note
+    under the table): the missing module, or what happened."""
+    missing = re.search(r"No module named '([\w.]+)'", error)
+    if missing:
+        words = f"no {missing.group(1)}"
+    elif "does not import" in error or "ImportError" in error:
+        words = "import error"
+    elif "graceful-close:" in error:
+        words = "refused"
+    elif "never answered" in error:
+        words = "no answer"
+    else:
+        words = "see note"
+    return words if len(words) <= 13 else words[:12] + "…"
+
+
 def render_demo(result: DemoResult, console: Console | None = None) -> None:
+    from rich import box
     from rich.table import Table
 
     if console is None:
-        console = table_console(150)
+        console = table_console(100)
     # Piped or NO_COLOR, the table has no colours: bad cells get a '!' and the legend says so.
     coloured = console.color_system is not None
     table = Table(title="graceful-close demo: stock vs graceful on 127.0.0.1 (sample app)",
-                  title_justify="left", show_lines=False)
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("server", no_wrap=True)
-    table.add_column("variant", no_wrap=True)
-    for _, title in COLUMNS:
-        table.add_column(title, no_wrap=True)
-    previous_kind = None
+    for _, heading, _ in COLUMNS:
+        table.add_column(heading, no_wrap=True)
+    notes: list[str] = []
+    family = None
     for row in result.rows:
-        if previous_kind is not None and row.server.kind != previous_kind:
-            table.add_section()
-        previous_kind = row.server.kind
-        name = f"{row.server.family} {row.server.kind}"
-        flavour = "graceful" if row.server.graceful else "stock"
-        if row.error:
-            table.add_row(name, flavour, f"[red]could not run: {row.error}[/]",
-                          *[""] * (len(COLUMNS) - 1))
+        if row.server.family != family:  # a heading row per family: the kinds stay short
+            family = row.server.family
+            if table.row_count:
+                table.add_section()
+            table.add_row(f"[bold]{family}[/]", *[""] * len(COLUMNS))
+        name = "  [bold]graceful[/]" if row.server.graceful else row.server.kind
+        if row.error:  # the reason in a few words across the cells, in full in a note
+            notes.append(f"({len(notes) + 1}) {row.server.label}: {row.error}")
+            words = ["! not started", short_reason(row.error), f"note ({len(notes)})"]
+            table.add_row(name, *[f"[red]{w}[/]" for w in words], *[""] * (len(COLUMNS) - 3))
             continue
         cells = []
-        for key, _ in COLUMNS:
+        for key, *_ in COLUMNS:
             text, good = cell(row, key)
             style = "green" if good else "red" if good is False else "yellow"
             mark = "! " if good is False and not coloured else ""
             cells.append(f"[{style}]{mark}{text}[/]")
-        table.add_row(name, f"[bold]{flavour}[/]" if row.server.graceful else flavour, *cells)
+        table.add_row(name, *cells)
     console.print(table)
-    console.print(
-        f"{len(result.rows)} servers in {result.elapsed:.0f} s. {'Red' if coloured else '!'}: "
-        "the client lost response "
-        "bytes, met RST, or waited >= 1 s.\n'N B, RST': only N body bytes arrived, then RST. "
-        "'open': the server kept the connection open after its answer.",
-        highlight=False)
+    legend = [f"{len(result.rows)} servers in {result.elapsed:.0f} s: each stock, then graceful "
+              "(ours)."]
+    legend += [f"{heading.replace(chr(10), ' ')}: {meaning}." for _, heading, meaning in COLUMNS]
+    legend += [LEGEND_MARK.format(mark="Red" if coloured else "!"), CELL_LEGEND]
+    if notes:
+        legend += ["Did not start:", *notes]
+    console.print("\n".join(legend), highlight=False)
+    failed = result.failed
+    if failed:
+        console.print(f"[red]graceful-close demo: {len(failed)} row(s) failed: "
+                      f"{', '.join(row.server.label for row in failed)}[/]", highlight=False)

@@ -17,13 +17,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .processes import wait_answering
+from .processes import answers_http, wait_until
 
 _PORT_LINE = re.compile(rb"(?:Listening at: |Uvicorn running on )https?://127\.0\.0\.1:(\d+)")
 
 # Worker classes by short name: stock gunicorn's and ours.
 GUNICORN_WORKERS = {
-    "sync": ("sync", "graceful_close.gunicorn.SyncWorker"),
+    "sync": ("sync", "graceful_close.gunicorn.SyncLingerWorker"),
     "gthread": ("gthread", "graceful_close.gunicorn.ThreadWorker"),
     "uvicorn-worker": ("uvicorn_worker.UvicornWorker", "graceful_close.gunicorn.UvicornWorker"),
     "asgi": ("asgi", "graceful_close.gunicorn.ASGIWorker"),
@@ -84,7 +84,13 @@ class ServerProcess:
         found.set()
 
     def _wait_accepting(self) -> None:
-        if not wait_answering(self.port, self.startup_timeout, self.tls):
+        # Until it answers, or exits (gunicorn logs its port before a worker fails to boot):
+        # a server that is gone says so at once instead of after startup_timeout.
+        proc = self.proc
+        assert proc is not None
+        answering = wait_until(lambda: proc.poll() is not None
+                               or answers_http(self.port, tls=self.tls), self.startup_timeout)
+        if not answering or proc.poll() is not None:
             raise RuntimeError(f"server never answered on port {self.port}\n{self.log_text()}")
 
     def log_text(self) -> str:

@@ -5,10 +5,13 @@ request count, by bytes read (CappedReader) and by wall time. They only send
 GET requests, except upload() and drain_upload(), which POST a throw-away body.
 
 Every client does only what a conforming client may do (RFC 9112): it never sends
-a request after a `Connection: close` of its own (section 9.6). The server decides
-to close (an HTTP/1.0 request, an answer with `Connection: close`, its request cap,
-its idle timeout), or the client keeps sending an upload that the server answered
-before reading it (section 9.3 lets a client finish sending a body).
+a request after a `Connection: close` of its own, nor after it has read an answer that
+ends the connection (`Connection: close`, an HTTP/1.0 answer: section 9.6), and it reads
+no answer after such an answer. Requests pipelined before that answer was read are the
+only ones that follow it. The server decides to close (an HTTP/1.0 request, an answer
+with `Connection: close`, its request cap, its idle timeout), or the client keeps
+sending an upload that the server answered before reading it (section 9.3 lets a
+client finish sending a body).
 
 A reset that arrives after the server's FIN does not show up in recv() on
 Linux (the EOF is returned first), so peer_reset() asks the kernel for the
@@ -39,6 +42,8 @@ FOLLOW_GAP = 0.05    # in-flight pipelined requests leave this long after the fi
 READ_DELAY = 0.3     # a client busy elsewhere reads this late
 DRAIN_CHUNK = 65536
 IDLE_SLACK = 1.0     # wait this much past an announced Keep-Alive timeout for the close
+EARLY_WAIT = 1.0     # before the last chunk of an upload: time for an early answer to show
+#                      (curl waits as long for a 100 Continue)
 
 
 class CappedReader(ResponseReader):
@@ -128,9 +133,18 @@ class Exchange:
         return data
 
 
-def _read(reader: CappedReader, exchange: Exchange, limit: int) -> None:
-    """Read up to `limit` responses; then how the connection ends, or 'OPEN' if it stays up."""
-    exchange.ending = collect_responses(reader, exchange.responses, limit) or "OPEN"
+def _read(reader: CappedReader, exchange: Exchange, limit: int, stop_at_close: bool = False,
+          request_http10: bool = False) -> None:
+    """Read up to `limit` responses (`stop_at_close`: none after an answer that ends the
+    connection); then how the connection ends, or 'OPEN' if it stays up."""
+    exchange.ending = collect_responses(reader, exchange.responses, limit, stop_at_close,
+                                        request_http10) or "OPEN"
+
+
+def closing_answer(exchange: Exchange, request_http10: bool = False) -> str | None:
+    """What in the last answer read ends the connection ('Connection: close', ...), or None."""
+    last = exchange.responses[-1] if exchange.responses else None
+    return last.close_signal(request_http10) if last is not None else None
 
 
 def _end_after_last(reader: CappedReader, wait: float) -> str:
@@ -186,12 +200,28 @@ def pipeline(target: Target, path: str, count: int, timeout: float, max_bytes: i
             time.sleep(group_gap)
         time.sleep(READ_DELAY)
         reader = CappedReader(sock, start + timeout, max_bytes)
-        _read(reader, exchange, count)
-        if exchange.ending == "OPEN":  # every response read: the server should now close
+        _read(reader, exchange, count, stop_at_close=True)
+        if exchange.ending == "OPEN":  # every response read, or one that ends the connection
             exchange.ending = _end_after_last(reader, min(timeout, END_WAIT))
+        exchange.extra["closing_answer"] = closing_answer(exchange)
         exchange.ending = ending_after_eof(sock, exchange.ending)
     exchange.elapsed = time.monotonic() - start
     return exchange
+
+
+def _answers_then_end(reader: CappedReader, wait: float) -> tuple[int, str]:
+    """After the answer the server should close after: how many more answers come (to the
+    requests pipelined behind it) and how the connection ends, within `wait` s.
+
+    Only reads: a conforming client would ignore those answers; the server sending them
+    tells that it did not close after its answer. 'OPEN' when it does not end in time.
+    """
+    reader.deadline = time.monotonic() + wait
+    more: list[Response] = []
+    ending = collect_responses(reader, more, 1000)
+    if ending is None or ending.startswith("TIMEOUT"):
+        ending = "OPEN"
+    return sum(r.status > 0 for r in more), ending
 
 
 def close_pipeline(target: Target, path: str, http10: bool, follow_path: str, follow: int,
@@ -220,8 +250,11 @@ def close_pipeline(target: Target, path: str, http10: bool, follow_path: str, fo
         time.sleep(READ_DELAY)
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
+        exchange.extra["answered_behind"] = 0
         if exchange.ending == "OPEN":
-            exchange.ending = _end_after_last(reader, min(timeout, END_WAIT))
+            exchange.extra["answered_behind"], exchange.ending = _answers_then_end(
+                reader, min(timeout, END_WAIT))
+        exchange.extra["closing_answer"] = closing_answer(exchange, request_http10=http10)
         exchange.ending = ending_after_eof(sock, exchange.ending)
     exchange.elapsed = time.monotonic() - start
     return exchange
@@ -232,12 +265,13 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
     """POST `size` throw-away bytes without reading, then read the answer.
 
     A server that answers early (401, 413) and closes without draining the rest of
-    the body resets the connection under its own answer. After the answer we wait up
-    to `hold` seconds (past the server's idle timeout) for the connection to end: one
-    still open then is held for ever or stuck. Once our whole body is sent, one GET on
-    it (allowed: the request is complete) tells a live connection from a stuck one.
+    the body resets the connection under its own answer. After an early answer we wait
+    up to `hold` seconds (past the server's idle timeout) for the connection to end.
+    Once our whole body is sent, one GET on a connection still open (allowed: the
+    request is complete) tells a live connection from a stuck one, unless the answer
+    ended the connection (Connection: close): then nothing is sent after it.
     extra: sent, answered_after (B sent when the answer was readable), open_for (s),
-    next ('answered 200', 'no answer', ...).
+    next ('answered 200', 'no answer', ...), closing_answer.
     """
     exchange = Exchange()
     start = time.monotonic()
@@ -249,14 +283,16 @@ def upload(target: Target, path: str, size: int, timeout: float, max_bytes: int,
         elif stopped == "stalled":
             exchange.note = f"the server stopped reading after {sent} of {size} B"
         exchange.extra["sent"] = sent
-        reader = CappedReader(sock, start + timeout, max_bytes)
+        # --timeout for the answer from the end of sending (sending has its own bound)
+        reader = CappedReader(sock, time.monotonic() + timeout, max_bytes)
         _read(reader, exchange, 1)
         answered = time.monotonic()
+        exchange.extra["closing_answer"] = closing = closing_answer(exchange)
         if exchange.ending == "OPEN":  # answered: does it close, and how?
-            early = exchange.first is not None and 400 <= exchange.first.status < 500
+            early = answered_after is not None or stopped is not None
             exchange.ending = _end_after_last(reader, hold if early else min(hold, END_WAIT))
         exchange.extra["open_for"] = round(time.monotonic() - answered, 3)
-        if exchange.ending == "OPEN" and sent == size and exchange.complete:
+        if exchange.ending == "OPEN" and sent == size and exchange.complete and not closing:
             exchange.extra["next"] = _next_request(sock, reader, target, follow_path,
                                                    min(timeout, OPEN_WAIT))
         if exchange.ending.startswith("FIN") and exchange.note.startswith("reset"):
@@ -273,17 +309,22 @@ def _send_upload_watching(sock: socket.socket, target: Target, path: str,
 
     Returns the bytes sent, how sending stopped early ("reset", "stalled" or None) and
     how many bytes had been sent when an answer was first waiting to be read (None if
-    only after the whole upload): an early answer shows up while we still send.
+    only after the whole upload): an early answer shows up while we still send. Before
+    the last chunk we wait up to EARLY_WAIT s for it, as a client waits for 100 Continue:
+    an upload that fits in the socket buffers is sent before a server that answers
+    early has even read the request head.
     """
     sock.sendall(request_bytes("POST", path, target.authority, content_length=size,
                                headers={"Content-Type": "application/octet-stream"}))
     chunk, sent, answered_after = b"u" * UPLOAD_CHUNK, 0, None
     try:
         while sent < size:
+            last = size - sent <= UPLOAD_CHUNK
+            if answered_after is None and select.select([sock], [], [],
+                                                        EARLY_WAIT if last else 0)[0]:
+                answered_after = sent
             sock.sendall(chunk[:size - sent])
             sent += min(UPLOAD_CHUNK, size - sent)
-            if answered_after is None and sent < size and select.select([sock], [], [], 0)[0]:
-                answered_after = sent
     except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
         return sent, "reset", answered_after
     except TimeoutError:
@@ -334,7 +375,10 @@ def _idle_attempt(target: Target, path: str, wait: float, timeout: float, max_by
         with target.connect(timeout) as sock:
             reader = CappedReader(sock, start + timeout + wait, max_bytes)
             sock.sendall(get(target, path))
-            reader.read_response()
+            signal = reader.read_response().close_signal()
+            if signal:  # a conforming client sends nothing more on this connection
+                out[index] = f"not sent (its answer carried {signal})"
+                return
             time.sleep(wait)
             out[index] = _request_on_closing(sock, reader, target, path)
     except ConnectionEnded as ended:
@@ -366,7 +410,9 @@ def idle_close(target: Target, path: str, idle_max: float, timeout: float, max_b
     that reused the connection an instant too late. Then more connections send their
     second request at the measured timeout plus `offsets`. A lingering server lets each
     such request end in a clean EOF (the client retries); a plain close() answers it
-    with RST.
+    with RST. An answer that ends the connection (Connection: close, HTTP/1.0) means
+    the server does not keep connections alive: nothing is sent after it
+    (extra['no_keep_alive'] says what ended it).
     """
     exchange = Exchange()
     start = time.monotonic()
@@ -374,6 +420,14 @@ def idle_close(target: Target, path: str, idle_max: float, timeout: float, max_b
         sock.sendall(get(target, path))
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
+        signal = closing_answer(exchange)
+        if signal is not None:
+            exchange.extra["no_keep_alive"] = signal
+            if exchange.ending == "OPEN":
+                exchange.ending = _end_after_last(reader, min(timeout, END_WAIT))
+            exchange.ending = ending_after_eof(sock, exchange.ending)
+            exchange.elapsed = time.monotonic() - start
+            return exchange
         if exchange.ending != "OPEN" or exchange.first is None:
             exchange.elapsed = time.monotonic() - start
             return exchange  # no answer, or closed at once: nothing to measure
@@ -457,14 +511,17 @@ def drain_upload(target: Target, path: str, size: int, window: float, pause: flo
         reader = CappedReader(sock, start + timeout, max_bytes)
         _read(reader, exchange, 1)
         exchange.extra["sent"] = sent
-        if exchange.ending != "OPEN" or not exchange.complete:
+        exchange.extra["answered_early"] = sent < size  # the body was not all sent yet
+        if exchange.ending not in ("OPEN", "FIN") or not exchange.complete:
             exchange.ending = ending_after_eof(sock, exchange.ending)
             exchange.elapsed = time.monotonic() - start
-            return exchange  # no answer, a cut one, or it closed (FIN or RST) under it
+            return exchange  # no answer, a cut one, or it reset the connection under it
         answered = time.monotonic()
         deadline = answered + window
         sock.setblocking(False)
-        bursts, reset_at, eof_at = 0, None, None
+        bursts, reset_at = 0, None
+        # A body without Content-Length ends with the connection: its FIN is already in.
+        eof_at: float | None = answered if exchange.ending == "FIN" else None
         next_burst = answered
         while reset_at is None and time.monotonic() < deadline and sent < size:
             now = time.monotonic()

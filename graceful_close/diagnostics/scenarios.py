@@ -70,11 +70,22 @@ class ScenarioResult:
         return data
 
 
-def collect_responses(reader: ResponseReader, responses: list[Response], limit: int) -> str | None:
-    """Append up to `limit` responses (a cut one too); how the connection ended, or None."""
+def collect_responses(reader: ResponseReader, responses: list[Response], limit: int,
+                      stop_at_close: bool = False, request_http10: bool = False) -> str | None:
+    """Append up to `limit` responses (a cut one too); how the connection ended, or None.
+
+    A body without Content-Length runs until the connection ends: its end (FIN, RST, ...)
+    is the connection's. `stop_at_close`: stop after an answer that ends the connection
+    (Connection: close, ...), as a conforming client does: it reads nothing after it.
+    """
     try:
         for _ in range(limit):
-            responses.append(reader.read_response())
+            response = reader.read_response()
+            responses.append(response)
+            if response.ended_by is not None:
+                return response.ended_by
+            if stop_at_close and response.close_signal(request_http10):
+                return None
     except ConnectionEnded as ended:
         partial = getattr(ended, "response", None)
         if partial is not None and partial.status:

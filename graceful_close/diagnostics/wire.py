@@ -29,9 +29,35 @@ class Response:
     received_length: int = 0
     complete: bool = False
     body_prefix: bytes = b""  # first bytes of the body, for messages like a 413 text
+    version: str = ""         # of the status line: "HTTP/1.1", "HTTP/1.0"
+    ended_by: str | None = None  # FIN, RST or TIMEOUT: the end of a body that runs until the
+    #                              connection ends (no Content-Length), or that cut this one
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
+
+    @property
+    def length_unknown(self) -> bool:
+        """No Content-Length: the client cannot tell a whole body from a cut one by its size."""
+        return self.expected_length is None
+
+    def close_signal(self, request_http10: bool = False) -> str | None:
+        """What in this answer ends the connection after it (RFC 9112 section 9.3), or None.
+
+        'Connection: close'; an HTTP/1.0 status line without keep-alive; an answer without
+        keep-alive to an HTTP/1.0 request (`request_http10`); or a body that runs until the
+        connection ends (no Content-Length, not chunked).
+        """
+        tokens = {t.strip().lower() for t in (self.header("connection") or "").split(",")}
+        if "close" in tokens:
+            return "Connection: close"
+        if self.version == "HTTP/1.0" and "keep-alive" not in tokens:
+            return "an HTTP/1.0 status line"
+        if request_http10 and "keep-alive" not in tokens:
+            return "an answer to an HTTP/1.0 request without keep-alive"
+        if self.ended_by is not None and self.complete and self.length_unknown:
+            return "a body without Content-Length (it ends with the connection)"
+        return None
 
 
 class ResponseReader:
@@ -92,6 +118,8 @@ class ResponseReader:
             self._read_into(response, head_request)
         except ConnectionEnded as ended:
             ended.response = response
+            if response.status:
+                response.ended_by = ended.kind
             raise
         return response
 
@@ -99,6 +127,7 @@ class ResponseReader:
         while True:
             status_line = self._line()
             parts = status_line.split(b" ", 2)
+            response.version = parts[0].decode("latin-1")
             response.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
             response.headers = {}
             while line := self._line():
@@ -126,11 +155,12 @@ class ResponseReader:
             self._take(response.expected_length, response)
             response.complete = True
             return
-        try:  # no framing: the body runs until the connection ends
+        try:  # no framing: the body runs until the connection ends (self.ended says how)
             while True:
                 self._take(len(self.buffer) or 1, response)
         except ConnectionEnded as ended:
             response.complete = ended.kind == "FIN"
+            response.ended_by = ended.kind
 
     def read_end(self) -> str:
         """After the last expected response: how the connection ends (FIN, RST, TIMEOUT)."""

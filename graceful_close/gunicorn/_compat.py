@@ -6,9 +6,13 @@ running gunicorn still routes its closes and responses through the places we reb
 if not, the server refuses to start with one line naming gunicorn's version and what
 changed. Stock closes are never served silently.
 
-Tested with gunicorn 27.0. The asgi and gevent sections import gunicorn.asgi,
-gunicorn.workers.gasgi and gevent inside their checks only: importing
-graceful_close.gunicorn must not import them (nor uvicorn).
+Tested with gunicorn 27.0.1, with and without gunicorn_h1c 0.6.10 (gunicorn's C parser).
+The checks judge the internals, never the version number: a release we have not seen
+starts as long as what we rely on is still there.
+
+The asgi and gevent sections import gunicorn.asgi, gunicorn.workers.gasgi and gevent
+inside their checks only: importing graceful_close.gunicorn must not import them (nor
+uvicorn).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import inspect
 import selectors
 import socket
-import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +31,7 @@ from gunicorn.http import body as gunicorn_body
 from gunicorn.http import message as gunicorn_message
 from gunicorn.http import parser as gunicorn_parser
 from gunicorn.http import wsgi as gunicorn_wsgi
-from gunicorn.workers import gthread, sync
+from gunicorn.workers import base, gthread, sync
 
 from ..engines.sockets import unread_bytes
 
@@ -82,16 +85,25 @@ ChunkedReader = gunicorn_body.ChunkedReader
 #    close"). Used by keepalive_header_for and by the hooks (gunicorn_hooks), which run on
 #    stock workers and check this reach in on_starting.
 
-# 10. Issue 20, idle connections under descriptor pressure: ThreadWorker.keepalived_conns
+# 8. gunicorn.config.Config.worker_class (and .worker_class_str, the name gunicorn logs): swap
+#    any worker class whose name ends in "SyncWorker" for stock gthread when --threads > 1,
+#    without importing it. Our sync worker is therefore named SyncLingerWorker; its old name
+#    SyncWorker is an alias, and the guard (install_sync_worker_guard) lets gunicorn load it
+#    with --threads > 1 too, so that it serves our ThreadWorker (reach 10). The guard acts
+#    only when graceful_close is imported in the master (gunicorn.conf.py calling
+#    configure(), or the hooks); without it the old name with --threads runs stock gthread.
+
+# 10. gunicorn.arbiter.Arbiter.spawn_worker builds each worker as
+#    worker_class(age, ppid, sockets, app, timeout, cfg, log) (base.Worker.__init__'s
+#    parameters, positionally): SyncLingerWorker.__new__ reads cfg.threads there and builds our
+#    ThreadWorker instead when --threads > 1, as gunicorn builds gthread for sync.
+WORKER_CFG_INDEX = 5  # after self: age, ppid, sockets, app, timeout, cfg, log
+
+# 11. Issue 20, idle connections under descriptor pressure: ThreadWorker.keepalived_conns
 #     (kept-alive connections waiting for their next request, oldest first, each registered
 #     in the poller under its .sock) and .pending_conns (accepted, waiting for their first
 #     byte), both deques of TConn, counted in .nr_conns; murder_keepalived() is how gthread
 #     itself drops one (deque, poller, nr_conns, close).
-
-# 8. gunicorn.config.Config.worker_class: swaps any worker class whose name ends in
-#    "SyncWorker" for stock gthread when --threads > 1, without importing ours. The guard
-#    (install_sync_worker_guard) can only act when this module is imported in the master
-#    (gunicorn.conf.py calling configure(), or the hooks).
 
 
 def _names(code: types.CodeType) -> set[str]:
@@ -158,10 +170,20 @@ def problems() -> list[str]:
         found.append("sync.SyncWorker.wait no longer selects on self.wait_fds")
     if not _uses(sync.SyncWorker.run_for_one, "wait", "accept"):
         found.append("sync.SyncWorker.run_for_one no longer calls accept() and wait()")
+    parameters = list(inspect.signature(base.Worker.__init__).parameters)[1:]
+    if parameters[WORKER_CFG_INDEX:WORKER_CFG_INDEX + 1] != ["cfg"]:
+        found.append("base.Worker.__init__ no longer takes cfg as its sixth argument")
     if not (_uses(gthread.ThreadWorker.murder_keepalived, "keepalived_conns", "nr_conns", "poller")
             and _uses(gthread.ThreadWorker.murder_pending, "pending_conns")):
         found.append("gthread no longer keeps idle connections in keepalived_conns/pending_conns")
     return found
+
+
+def worker_cfg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Reach 10: the gunicorn Config among the arguments a worker class is called with."""
+    if "cfg" in kwargs:
+        return kwargs["cfg"]
+    return args[WORKER_CFG_INDEX] if len(args) > WORKER_CFG_INDEX else None
 
 
 def check(found: list[str] | None = None) -> str | None:
@@ -170,7 +192,7 @@ def check(found: list[str] | None = None) -> str | None:
     if not found:
         return None
     return (f"graceful-close: gunicorn {VERSION} is not supported: {'; '.join(found)} "
-            "(tested with gunicorn 27.0); refusing to serve stock closes")
+            "(tested with gunicorn 27.0.1); refusing to serve stock closes")
 
 
 def route_closes(hand_off: Callable[..., None]) -> None:
@@ -224,13 +246,13 @@ def defer(worker: Any) -> Callable[..., None]:
 
 
 def idle_connections(worker: Any) -> list[Any]:
-    """Reach 10: gthread's idle connections, kept-alive ones (oldest first), then those
+    """Reach 11: gthread's idle connections, kept-alive ones (oldest first), then those
     waiting for their first byte."""
     return [*worker.keepalived_conns, *worker.pending_conns]
 
 
 def forget_idle(worker: Any, conn: Any) -> None:
-    """Reach 10: take an idle connection out of gthread's books (as murder_keepalived
+    """Reach 11: take an idle connection out of gthread's books (as murder_keepalived
     does), before the caller closes its socket."""
     for idle in (worker.keepalived_conns, worker.pending_conns):
         try:
@@ -245,34 +267,43 @@ def forget_idle(worker: Any, conn: Any) -> None:
     worker.nr_conns -= 1
 
 
-SYNC_SWAP_LINE = ("graceful-close: -k graceful_close.gunicorn.SyncWorker with --threads {threads} "
-                  "would run stock gthread (gunicorn swaps any *SyncWorker for gthread when "
-                  "threads > 1); use -k graceful_close.gunicorn.ThreadWorker")
-
 _original_worker_class: Any = None
 
 
+def _our_sync_name(cfg: Any) -> bool:
+    """`-k graceful_close.gunicorn.SyncWorker` (or any name of ours ending so) with --threads > 1."""
+    uri = cfg.settings["worker_class"].get()
+    return (isinstance(uri, str) and uri.startswith("graceful_close.") and uri.endswith("SyncWorker")
+            and cfg.threads > 1)
+
+
 def install_sync_worker_guard() -> None:
-    """Reach 8: refuse `-k graceful_close.gunicorn.SyncWorker --threads N` with one line
-    instead of letting gunicorn silently run stock gthread."""
+    """Reach 8: gunicorn loads `-k graceful_close.gunicorn.SyncWorker --threads N` as named (our
+    SyncLingerWorker, which then serves our ThreadWorker) instead of running stock gthread."""
     global _original_worker_class
     if _original_worker_class is not None:
         return
     original = gunicorn.config.Config.__dict__.get("worker_class")
-    if not isinstance(original, property) or original.fget is None:
+    original_str = gunicorn.config.Config.__dict__.get("worker_class_str")
+    if not isinstance(original, property) or original.fget is None or \
+            not isinstance(original_str, property) or original_str.fget is None:
         return
     _original_worker_class = original
-    getter = original.fget
+    getter, str_getter = original.fget, original_str.fget
 
     def worker_class(cfg: Any) -> Any:
-        uri = cfg.settings["worker_class"].get()
-        if isinstance(uri, str) and uri.startswith("graceful_close.") and \
-                uri.endswith("SyncWorker") and cfg.threads > 1:
-            print(SYNC_SWAP_LINE.format(threads=cfg.threads), file=sys.stderr, flush=True)
-            raise SystemExit(1)
-        return getter(cfg)
+        if not _our_sync_name(cfg):
+            return getter(cfg)
+        loaded = gunicorn.util.load_class(cfg.settings["worker_class"].get())
+        if hasattr(loaded, "setup"):
+            loaded.setup()
+        return loaded
+
+    def worker_class_str(cfg: Any) -> Any:
+        return cfg.settings["worker_class"].get() if _our_sync_name(cfg) else str_getter(cfg)
 
     gunicorn.config.Config.worker_class = property(worker_class)
+    gunicorn.config.Config.worker_class_str = property(worker_class_str)
 
 
 # ---- gunicorn asgi worker (-k graceful_close.gunicorn.ASGIWorker) ----------------------
@@ -287,11 +318,14 @@ def install_sync_worker_guard() -> None:
 #      requests, the current one included) and does its bookkeeping in connection_lost().
 #   5. ASGIWorker._shutdown() is the coroutine that ends _serve(); _quick_shutdown is True
 #      after SIGINT/SIGQUIT; notify() is the heartbeat, called about once a second.
-#   6. Issue 20: ASGIProtocol._keepalive_handle is set while a connection waits for its next
+#   7. With keepalive_header=true: every HTTP/1.x response head is written by
+#      _send_response_start(status, headers, request, close), close being what _will_close
+#      decided; self._keepalive is gunicorn's --keep-alive.
+#   8. Issue 20: ASGIProtocol._keepalive_handle is set while a connection waits for its next
 #      request; _keepalive_timeout() ends such a connection (through _close_transport) and
 #      wakes its task. ASGIWorker.nr_conns counts the open connections.
 ASGI_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost",
-                         "_keepalive_timeout", "_arm_keepalive_timer")
+                         "_send_response_start", "_keepalive_timeout", "_arm_keepalive_timer")
 
 
 def _code(function: object) -> types.CodeType | None:
@@ -317,7 +351,53 @@ def check_asgi_worker() -> str | None:
     if not {"_close_transport", "req_count"} <= _names(handle):
         return (f"{version}: ASGIProtocol._handle_connection no longer counts requests in "
                 "req_count and ends connections with _close_transport")
+    start = _code(getattr(ASGIProtocol, "_send_response_start", None))
+    init = _code(vars(ASGIProtocol).get("__init__"))
+    if start is None or init is None or "_keepalive" not in _names(init) or \
+            start.co_varnames[:5] != ("self", "status", "headers", "request", "close"):
+        return f"{version}: ASGIProtocol._send_response_start(status, headers, request, close) changed"
+    return asgi_parser_problem()
+
+
+#   6. gunicorn_h1c, the C parser of gunicorn[fast] (--http-parser fast, and auto when it is
+#      installed): ASGIProtocol caches what it found of gunicorn_h1c in class attributes _h1c_*.
+#      The classmethod _check_h1c_protocol_available() writes them on `cls`, the class it is
+#      called on, while _setup_callback_parser() and _handle_h1c_exception() read them from
+#      ASGIProtocol itself. Called on our subclass first, the cache lands on the subclass and
+#      ASGIProtocol's stays empty: `--http-parser fast` then raises in every connection_made()
+#      (the client gets nothing) and `auto` silently takes the pure-Python parser where stock
+#      takes H1CProtocol. share_asgi_parser_cache() fills ASGIProtocol's own cache, once per
+#      process before any connection, so our subclass inherits it and never writes its own.
+def share_asgi_parser_cache(protocol_class: Any) -> str | None:
+    """Reach 6: make `protocol_class` (a subclass of ASGIProtocol) choose gunicorn's HTTP/1
+    parser exactly as ASGIProtocol does. None when it does, else what differs, in words."""
+    from gunicorn.asgi.protocol import ASGIProtocol
+
+    check = getattr(ASGIProtocol, "_check_h1c_protocol_available", None)
+    setup = _code(getattr(ASGIProtocol, "_setup_callback_parser", None))
+    if check is None:
+        # No class-level cache to share: acceptable only if the parser choice no longer uses one.
+        if setup is not None and any(name.startswith("_h1c_") for name in _names(setup)):
+            return ("ASGIProtocol._setup_callback_parser reads _h1c_* but "
+                    "_check_h1c_protocol_available is gone")
+        return None
+    stock_answer = check()  # on ASGIProtocol: fills ASGIProtocol's cache (imports gunicorn_h1c)
+    ours_answer = protocol_class._check_h1c_protocol_available()
+    own = sorted(name for name in vars(protocol_class) if name.startswith("_h1c_"))
+    differs = [name for name in vars(ASGIProtocol) if name.startswith("_h1c_")
+               and getattr(protocol_class, name) is not getattr(ASGIProtocol, name)]
+    if own or differs or ours_answer != stock_answer:
+        return (f"{protocol_class.__name__} would not choose gunicorn's HTTP/1 parser as ASGIProtocol "
+                f"does (own or differing {', '.join(own + differs) or '_h1c_available'})")
     return None
+
+
+def asgi_parser_problem() -> str | None:
+    """The start-up check of reach 6, for our ASGIWorker's protocol (also fills the cache)."""
+    from .asgi_worker import LingeringASGIProtocol
+
+    problem = share_asgi_parser_cache(LingeringASGIProtocol)
+    return None if problem is None else f"gunicorn {VERSION}: {problem}"
 
 
 # ---- gevent worker (-k graceful_close.gunicorn.GeventWorker) ---------------------------
@@ -328,6 +408,9 @@ def check_asgi_worker() -> str | None:
 #      engine takes the descriptor out of it (socket.detach()).
 #   3. gunicorn's Request numbers the requests of a connection (req_number) and keeps the
 #      connection's unreader (req.unreader), where the policy keeps per-connection limits.
+#   4. With keepalive_header=true: AsyncWorker.handle_request builds each response with
+#      wsgi.create(), and so with the module-global wsgi.Response (reach 3), whose
+#      default_headers() writes "Connection:" from should_close().
 def check_gevent_worker() -> str | None:
     """None when gunicorn still routes what GeventWorker needs; else what changed, in one line."""
     from gunicorn.workers import ggevent  # imports gevent
@@ -340,4 +423,8 @@ def check_gevent_worker() -> str | None:
     init = _code(gunicorn_message.Request.__init__)
     if init is None or not {"req_number", "unreader"} <= set(init.co_names) | set(init.co_varnames):
         return f"{version}: http.message.Request no longer has req_number and unreader"
+    if not _uses(ggevent.AsyncWorker.handle_request, "wsgi", "create") or \
+            not _uses(gunicorn_wsgi.create, "Response") or \
+            not _uses(gunicorn_wsgi.Response.default_headers, "should_close"):
+        return f"{version}: AsyncWorker.handle_request no longer builds responses with wsgi.Response"
     return None

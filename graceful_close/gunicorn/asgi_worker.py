@@ -26,7 +26,7 @@ from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers import gasgi
 
 from .. import metrics
-from ..core.keepalive import KeepAlivePolicy
+from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.aio import (
     SHUTDOWN_FORCE_GRACE,
     AsyncioDrainEngine,
@@ -35,8 +35,8 @@ from ..engines.aio import (
     nothing_at_stake,
 )
 from ..engines.sockets import descriptor_budget
-from ..settings import Settings, current_settings, startup_settings
-from ._compat import check_asgi_worker
+from ..settings import Settings, announce, current_settings
+from ._compat import check_asgi_worker, share_asgi_parser_cache
 
 __all__ = ["ASGIWorker"]
 
@@ -143,6 +143,33 @@ class LingeringASGIProtocol(ASGIProtocol):
         self.worker.loop.call_soon(self.connection_lost, None)
 
 
+class KeepAliveHeaderASGIProtocol(LingeringASGIProtocol):
+    """With keepalive_header=true: a response that keeps the connection says for how long and
+    for how many more requests (issue 17 item 5). A class of its own, so that without the
+    setting no response pays for the check."""
+
+    def _send_response_start(self, status: Any, headers: Any, request: Any, close: bool = False) -> None:
+        # gasgi calls this once per HTTP/1.x response with the close decision it announces
+        # (_will_close, our policy included): the same place stock adds "Connection: close".
+        if not close and not _says_close(headers):
+            cap = self.worker.keepalive_policy.max_requests
+            remaining = cap - self.req_count if cap else None
+            value = keep_alive_value(self._keepalive, remaining).encode("latin-1")
+            headers = [*headers, (b"keep-alive", value)]
+        super()._send_response_start(status, headers, request, close)
+
+
+def _says_close(headers: Any) -> bool:
+    """The app's own headers say Connection: close (then no Keep-Alive header)."""
+    for name, value in headers:
+        name = name if isinstance(name, bytes) else str(name).encode("latin-1")
+        if name.lower() == b"connection":
+            value = value if isinstance(value, bytes) else str(value).encode("latin-1")
+            if b"close" in value.lower():
+                return True
+    return False
+
+
 class ASGIWorker(gasgi.ASGIWorker):
     """gunicorn's asgi worker whose every close lingers, with the keep-alive policy.
 
@@ -170,7 +197,7 @@ class ASGIWorker(gasgi.ASGIWorker):
         problem = check_asgi_worker()
         if problem is not None:
             raise SystemExit(f"graceful-close: ASGIWorker cannot run on {problem}")
-        log.info(startup_settings().describe())
+        announce(f"gunicorn -k {cfg.worker_class_str}", log.info)
         super().check_config(cfg, log)
 
     def init_process(self) -> None:
@@ -182,7 +209,14 @@ class ASGIWorker(gasgi.ASGIWorker):
         # gasgi.ASGIProtocol per connection, so rebinding it in this worker process (which
         # runs only this worker class) gives every connection our protocol without copying
         # _serve()'s 80 lines of lifespan, listener and heartbeat code.
-        gasgi.ASGIProtocol = LingeringASGIProtocol
+        protocol = (KeepAliveHeaderASGIProtocol if self.graceful_settings.keepalive_header
+                    else LingeringASGIProtocol)
+        gasgi.ASGIProtocol = protocol
+        # gunicorn_h1c (--http-parser fast/auto): the same parser as stock (_compat, reach 6).
+        # Checked in the master already; a worker forked from it inherits the filled cache.
+        problem = share_asgi_parser_cache(protocol)
+        if problem is not None:  # pragma: no cover - refused by check_config in the master
+            raise SystemExit(f"graceful-close: ASGIWorker cannot run on gunicorn: {problem}")
         _log_to_gunicorn(self.log)
         metrics.maybe_start_for_worker()
         super().init_process()  # sets up the loop, then runs the worker; returns at exit

@@ -22,20 +22,36 @@ import time
 from typing import Any
 
 import gunicorn.util
+from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import ggevent
 
 from .. import metrics
 from ..core.descriptors import DescriptorBudget
-from ..core.keepalive import KeepAlivePolicy
+from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.gevent import GeventDrainEngine, at_stake
 from ..engines.sockets import descriptor_budget
-from ..settings import Settings, current_settings, startup_settings
-from ._compat import check_gevent_worker
+from ..settings import Settings, announce, current_settings
+from ._compat import check_gevent_worker, route_responses
 
 __all__ = ["GeventWorker"]
 
 # gunicorn's arbiter kills a worker at graceful_timeout: keep this much for the exit itself.
 STOP_MARGIN = 1.0
+
+
+class _KeepAliveHeaderResponse(gunicorn_wsgi.Response):
+    """With keepalive_header=true: a response that keeps the connection says for how long and
+    for how many more requests (issue 17 item 5). Installed only with the setting."""
+
+    idle_timeout = 0.0  # gunicorn's --keep-alive
+    cap = 0  # keepalive_requests; 0: no cap
+
+    def default_headers(self) -> list[str]:
+        headers: list[str] = super().default_headers()
+        if not self.upgrade and not self.should_close():
+            remaining = self.cap - self.req.req_number if self.cap else None
+            headers.append(f"Keep-Alive: {keep_alive_value(self.idle_timeout, remaining)}\r\n")
+        return headers
 
 
 class GeventWorker(ggevent.GeventWorker):
@@ -65,7 +81,7 @@ class GeventWorker(ggevent.GeventWorker):
         problem = check_gevent_worker()
         if problem is not None:
             raise SystemExit(f"graceful-close: GeventWorker cannot run on {problem}")
-        log.info(startup_settings().describe())
+        announce(f"gunicorn -k {cfg.worker_class_str}", log.info)
 
     def init_process(self) -> None:
         from . import _log_to_gunicorn
@@ -77,6 +93,10 @@ class GeventWorker(ggevent.GeventWorker):
         # Rebinding in the forked worker process, which runs only this worker class: the one
         # caller of util.close there is AsyncWorker.handle()'s end of a connection.
         gunicorn.util.close = self._close_client
+        if self.graceful_settings.keepalive_header:
+            _KeepAliveHeaderResponse.idle_timeout = self.cfg.keepalive
+            _KeepAliveHeaderResponse.cap = self.graceful_settings.keepalive_requests
+            route_responses(_KeepAliveHeaderResponse)  # what wsgi.create builds (_compat, reach 3)
         _log_to_gunicorn(self.log)
         metrics.maybe_start_for_worker()
         super().init_process()

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from ..core.keepalive import KeepAlivePolicy
-from ..settings import SettingsError
+from ..settings import announce
 from . import _compat, current_settings
 
 __all__ = ["on_starting", "pre_request"]
@@ -46,14 +46,13 @@ def _process_policy() -> KeepAlivePolicy:
 
 def on_starting(server: Any) -> None:
     """Master, before any worker starts: a gunicorn whose requests no longer carry what
-    the hooks use, or a bad setting, stops gunicorn with one line."""
+    the hooks use, or a bad setting, stops gunicorn with one line; else one line in
+    gunicorn's log says what the hooks do there, with every setting."""
     problem = _compat.check(_compat.request_problems())
     if problem is not None:
         raise SystemExit(problem)
-    try:
-        current_settings()
-    except SettingsError as exc:
-        raise SystemExit(str(exc)) from None
+    announce(f"gunicorn hooks on -k {server.cfg.worker_class_str} (keep-alive policy only: "
+             "no lingering close, no Keep-Alive header)", server.log.info)
 
 
 def pre_request(worker: Any, req: Any) -> None:

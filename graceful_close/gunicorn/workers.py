@@ -1,4 +1,4 @@
-"""SyncWorker and ThreadWorker: gunicorn's sync and gthread workers whose every close lingers.
+"""SyncLingerWorker and ThreadWorker: gunicorn's sync and gthread workers whose every close lingers.
 
 gunicorn closes client sockets with util.close_graceful (end of every sync response,
 an error after headers, gthread connections ending) and gthread's TConn.close
@@ -29,14 +29,14 @@ from gunicorn.workers import base, gthread, sync
 
 from .. import metrics
 from ..core.descriptors import DescriptorBudget
-from ..core.keepalive import KeepAlivePolicy
+from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..core.linger import bytes_at_stake
 from ..engines.poll import PollDrainEngine
 from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
-from ..settings import Settings, current_settings, startup_settings
+from ..settings import Settings, announce, current_settings
 from . import _compat
 
-__all__ = ["SyncWorker", "ThreadWorker"]
+__all__ = ["SyncLingerWorker", "SyncWorker", "ThreadWorker"]
 
 # Leave this much of gunicorn's graceful_timeout for the exit itself: the arbiter
 # sends SIGKILL when it runs out, and a killed worker resets what still lingers.
@@ -88,11 +88,14 @@ class _GracefulWorker(base.Worker):
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         """Runs in the master at start-up: an incompatible gunicorn or a bad setting
-        stops gunicorn with one line."""
+        stops gunicorn with one line; else one line says what runs, with every setting."""
         problem = _compat.check()
         if problem is not None:
             raise SystemExit(problem)
-        log.info(startup_settings().describe())
+        where = f"gunicorn -k {cfg.worker_class_str}"
+        if not str(cfg.worker_class_str).endswith(cls.__name__):  # SyncLingerWorker --threads N
+            where += f" --threads {cfg.threads}, served by graceful_close.gunicorn.{cls.__name__}"
+        announce(where, log.info)
         parent = getattr(super(), "check_config", None)
         if parent is not None:
             parent(cfg, log)
@@ -163,7 +166,7 @@ class _GracefulWorker(base.Worker):
         return max(0.0, self.cfg.graceful_timeout - (now - self._term_at) - STOP_MARGIN)
 
 
-class SyncWorker(_GracefulWorker, sync.SyncWorker):
+class SyncLingerWorker(_GracefulWorker, sync.SyncWorker):
     """gunicorn's sync worker; lingering sockets are drained between requests.
 
     Before each accept() the worker polls its lingering set without blocking, and its
@@ -171,9 +174,28 @@ class SyncWorker(_GracefulWorker, sync.SyncWorker):
     closes costs the worker nothing and delays no one.
 
     The sync worker answers every request with "Connection: close" (gunicorn forces
-    it): there is no keep-alive to decide; use ThreadWorker for keep-alive. With
-    --threads > 1 gunicorn would run stock gthread instead: see _compat, reach 8.
+    it): there is no keep-alive to decide; use ThreadWorker for keep-alive.
+
+    Why not "SyncWorker": gunicorn replaces any worker class whose name ends in
+    "SyncWorker" by its stock gthread worker when --threads > 1, before importing it, so
+    none of our code would run (issue 17 item 4). This name is left alone, and with
+    --threads > 1 this class serves our ThreadWorker, as gunicorn serves gthread for sync.
     """
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        if cls is SyncLingerWorker and cfg.threads > 1:
+            ThreadWorker.check_config(cfg, log)  # its checks and its start-up line
+        else:
+            super().check_config(cfg, log)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # --threads > 1: the arbiter's worker is our ThreadWorker (_compat, reach 10). Only
+        # for this class itself: a subclass keeps what it defines, as a stock one would.
+        cfg = _compat.worker_cfg(args, kwargs)
+        if cls is SyncLingerWorker and cfg is not None and cfg.threads > 1:
+            return ThreadWorker(*args, **kwargs)
+        return super().__new__(cls)
 
     wait_fds: list[Any]
     _wait_fds_with_drain: list[Any]
@@ -450,11 +472,9 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
 
     def keepalive_header_for(self, req: Any) -> str:
         """Keep-Alive: timeout=<keepalive>[, max=<requests left>] (keepalive_header=true)."""
-        value = f"Keep-Alive: timeout={int(self.cfg.keepalive)}"
         cap = self.graceful_settings.keepalive_requests
-        if cap:
-            value += f", max={max(cap - req.req_number, 0)}"
-        return value + "\r\n"
+        remaining = cap - req.req_number if cap else None
+        return f"Keep-Alive: {keep_alive_value(self.cfg.keepalive, remaining)}\r\n"
 
 
 def _user_agent(req: Any) -> str | None:
@@ -463,3 +483,9 @@ def _user_agent(req: Any) -> str | None:
             return str(value)
     return None
 
+
+# The sync worker's first name, kept for `-k graceful_close.gunicorn.SyncWorker` without
+# --threads. With --threads > 1 gunicorn swaps that name for stock gthread before importing
+# ours, unless graceful_close was imported in the master (a gunicorn.conf.py calling
+# configure()): then it is served by our ThreadWorker as well (_compat, reach 8).
+SyncWorker = SyncLingerWorker

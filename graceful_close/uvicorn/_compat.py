@@ -5,7 +5,9 @@ protocols and in gunicorn's master for the UvicornWorker; if the running version
 longer works the way they assume, the server refuses to start with one line naming
 the version and what changed, instead of silently serving stock closes and stops.
 
-Tested with uvicorn 0.54 and uvicorn-worker 0.4.
+Tested with uvicorn 0.55.0 (and 0.54.0 before it) and uvicorn-worker 0.4.0. The checks judge
+the internals, never the version number: a release we have not seen starts as long as
+what we rely on is still there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ def running_server() -> uvicorn.server.Server | None:
     """The uvicorn Server serving in this process, if one is running."""
     server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
     return server if isinstance(server, uvicorn.server.Server) else None
+
+
+# S5. Server.config.http: the --http value the server was started with, the protocol's
+#     "module:Class" string or the class itself.
+
+
+def protocol_named(server: uvicorn.server.Server) -> str:
+    """The HTTP protocol the running server was started with, as --http names it."""
+    http = getattr(server.config, "http", None)
+    if isinstance(http, str):
+        return http
+    return f"{getattr(http, '__module__', '?')}:{getattr(http, '__qualname__', http)}"
 
 
 # S2. Server._captured_signals: the signals Server.handle_exit received, which capture_signals
@@ -184,7 +198,7 @@ def check_worker() -> list[str]:
 
 def refusal(found: list[str]) -> str:
     return (f"graceful-close: uvicorn {VERSION} is not supported: {'; '.join(found)} "
-            f"(tested with uvicorn 0.54, uvicorn-worker 0.4)")
+            f"(tested with uvicorn 0.55.0, uvicorn-worker 0.4.0)")
 
 
 # ---- the HTTP protocols (graceful_close.uvicorn._mixin, protocols, zttp) ----------------------

@@ -55,7 +55,7 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
     if found:
         raise SystemExit(_compat.refusal(found))
     settings = current_settings()
-    lifecycle.first_connection()  # metrics, and the stop watch when uvicorn was started with us
+    lifecycle.first_connection(type(first))  # metrics, the start-up line if not logged yet, the stop watch
     _Process.keepalive_header = settings.keepalive_header
     budget = descriptor_budget()
     if budget is not None:

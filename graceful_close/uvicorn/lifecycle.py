@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 
 import uvicorn.server
 
 from .. import metrics
 from ..engines.aio import drain_engine
-from ..settings import SettingsError, current_settings
+from ..settings import SettingsError, announce, announced, current_settings
 from . import _compat
 
 
@@ -39,11 +40,12 @@ def server_starting(server: uvicorn.server.Server) -> None:
         current_settings()  # validates: here a bad value can still stop the start cleanly
     except SettingsError as exc:
         _compat.exit_at_startup(str(exc))
+    _announce(_compat.protocol_named(server))
     metrics.maybe_start_for_worker()
     watch_stop(server)
 
 
-def first_connection() -> None:
+def first_connection(protocol: type) -> None:
     """The first connection of this process: when uvicorn imported our protocols before its
     server ran (uvicorn.run with the class, gunicorn's UvicornWorker), this is where we first
     see the server."""
@@ -51,6 +53,14 @@ def first_connection() -> None:
     server = _compat.running_server()
     if server is not None:
         watch_stop(server)
+    if not announced():  # imported before the server ran: the line comes now
+        _announce(_compat.protocol_named(server) if server is not None
+                  else f"{protocol.__module__}:{protocol.__qualname__}")
+
+
+def _announce(protocol: str) -> None:
+    """The one start-up line, in uvicorn's own log (issue 17 item 6)."""
+    announce(f"uvicorn --http {protocol}", logging.getLogger("uvicorn.error").info)
 
 
 _watched: weakref.WeakSet[uvicorn.server.Server] = weakref.WeakSet()

@@ -91,11 +91,15 @@ else:  # pragma: no cover - without httptools
 
 
 def __getattr__(name: str) -> Any:
-    """ZttpProtocol and AutoZttpProtocol need the optional zttp package: imported on first use."""
+    """ZttpProtocol and AutoZttpProtocol need the optional zttp package: imported on first use.
+    HttpToolsProtocol exists when httptools is installed; without it, say what to install."""
     if name in ("ZttpProtocol", "AutoZttpProtocol"):
         from . import zttp
 
         return getattr(zttp, name)
+    if name == "HttpToolsProtocol":
+        raise ImportError('graceful_close.uvicorn.HttpToolsProtocol needs httptools: '
+                          'pip install "graceful-close[uvicorn]"')
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

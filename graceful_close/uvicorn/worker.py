@@ -22,7 +22,7 @@ from typing import Any
 from uvicorn_worker import UvicornWorker as _StockUvicornWorker
 
 from .. import metrics
-from ..settings import startup_settings
+from ..settings import announce
 from . import _compat, lifecycle
 
 # gunicorn SIGKILLs a worker graceful_timeout seconds after SIGTERM; uvicorn must be
@@ -41,7 +41,7 @@ class UvicornWorker(_StockUvicornWorker):
         found = _compat.check_worker()
         if found:
             raise SystemExit(_compat.refusal(found))
-        log.info(startup_settings().describe())
+        announce(f"gunicorn -k {cfg.worker_class_str}", log.info)
         parent = getattr(super(), "check_config", None)
         if parent is not None:
             parent(cfg, log)
