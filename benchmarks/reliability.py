@@ -120,8 +120,8 @@ def deadline_ending(key: str, variant: str, loop: str, abort: bool = False) -> d
     """What a quiet client holding a finished connection sees once linger_timeout (1 s) has
     passed: "RST", or "FIN" only (the server's FIN at the half-close, then nothing); and the
     TCP states of the server's side then (ss: FIN-WAIT-2 without a process is the kernel's
-    orphan). abort: ours with abort_on_timeout=true."""
-    env = {**DEADLINE_ENV, "GRACEFUL_CLOSE_ABORT_ON_TIMEOUT": "true" if abort else "false"}
+    orphan). abort: ours with abort_on_timeout=true (else the default)."""
+    env = {**DEADLINE_ENV, "GRACEFUL_CLOSE_ABORT_ON_TIMEOUT": "true"} if abort else DEADLINE_ENV
     server = _server(key, variant, loop, env=env).start()
     try:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
