@@ -254,29 +254,32 @@ def test_young_evicted_socket_is_reset_not_orphaned(listener):
 def test_stop_rule_closes_what_has_nothing_at_stake_and_gives_the_rest_stop_linger(listener):
     """Issue 20, the stop rule: at a graceful stop a connection whose response is
     acknowledged and with nothing unread closes at once (plain close: the client had our
-    FIN), whether its client sent nothing (issue 12) or drained an upload and went quiet
-    (used to linger linger_timeout); one with bytes at stake (here response bytes the
-    client has not acknowledged) ends stop_linger after its half-close, not at the grace."""
+    FIN), whether its client sent nothing (issue 12), drained an upload and went quiet
+    (used to linger linger_timeout), or sent bytes that had just arrived (read first); one
+    with bytes at stake (here response bytes the client has not acknowledged) ends
+    stop_linger after its half-close, not at the grace."""
     engine, counters = make(linger_time=30, linger_timeout=30, stop_linger=1.0)
     quiet_client, quiet = pair(listener)
     drained_client, drained = pair(listener)
+    late_client, late = pair(listener)
     stuck_client, stuck, sent = _stuck(listener)
     quiet.sendall(b"response")
-    for sock in (quiet, drained, stuck):
+    for sock in (quiet, drained, late, stuck):
         engine.hand_off(sock)
-    assert wait_until(lambda: engine.lingering == 3, 5)
+    assert wait_until(lambda: engine.lingering == 4, 5)
     drained_client.sendall(b"x" * 10_000)  # an upload the app never read
-    time.sleep(0.3)  # read and discarded by the loop
+    time.sleep(0.3)  # read and discarded by the loop, every FIN acknowledged
     handed_off = time.monotonic()
+    late_client.sendall(b"y" * 100)  # may still be unread when the stop begins
     engine.begin_stop(30)
-    assert wait_until(lambda: counters.ended_shutdown == 2, 5)
+    assert wait_until(lambda: counters.ended_shutdown == 3, 5)
     assert engine.lingering == 1 and counters.aborted_with_rst == 0
     assert wait_until(lambda: engine.lingering == 0, 10)
     assert time.monotonic() - handed_off < 10  # stop_linger (1 s), not the grace (30 s)
-    assert counters.ended_shutdown == 3 and counters.bytes_discarded == 10_000
+    assert counters.ended_shutdown == 4 and counters.bytes_discarded == 10_100
     assert read_all(quiet_client) == (len(b"response"), "FIN")
     assert read_all(stuck_client, timeout=20) == (sent, "FIN")  # the close lost nothing
-    for sock in (quiet_client, drained_client, stuck_client):
+    for sock in (quiet_client, drained_client, late_client, stuck_client):
         sock.close()
     engine.stop(1)
 
@@ -305,4 +308,29 @@ def test_quiet_hand_off_while_stopping_closes_without_lingering(listener):
     assert read_all(client) == (len(b"last response"), "FIN")
     assert counters.lingering_started == 0 and engine.lingering == 0
     client.close()
+    engine.stop(1)
+
+
+def test_evict_ends_the_oldest_first(listener):
+    """Short of descriptors (issue 20): evict(n) ends the n oldest lingering connections
+    with a plain close; the others keep lingering."""
+    engine, counters = make(linger_time=30, linger_timeout=30)
+    clients = []
+    for _ in range(4):
+        client, server = pair(listener)
+        clients.append(client)
+        engine.hand_off(server)
+        time.sleep(0.05)
+    assert wait_until(lambda: engine.lingering == 4, 5)
+    ended: list[int] = []
+    engine.defer(lambda: ended.append(engine.engine.evict(2)))
+    assert wait_until(lambda: ended == [2] and engine.lingering == 2, 5)
+    assert counters.ended_evicted == 2 and counters.aborted_with_rst == 0
+    for client in clients:  # a byte to a closed socket is answered with RST
+        client.send(b"x")
+    time.sleep(0.3)
+    errors = [client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for client in clients]
+    assert [bool(e) for e in errors] == [True, True, False, False], errors
+    for client in clients:
+        client.close()
     engine.stop(1)

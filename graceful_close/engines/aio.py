@@ -108,14 +108,15 @@ class LingeringConnection(asyncio.Protocol):
 
     # ---- close -------------------------------------------------------------------
 
-    def _at_stake(self) -> bool:
-        """Could closing now lose a byte (core.linger.bytes_at_stake)? Unknown is at stake."""
+    def _at_stake(self, count_unread: bool = True) -> bool:
+        """Could closing now lose a byte (core.linger.bytes_at_stake)? Unknown is at stake.
+        count_unread=False: only what we sent counts."""
         if self.transport.get_write_buffer_size() > 0:
             return True
         fd = _fileno(self.transport)
         # TLS: no half-close, so no FIN of ours in the count.
-        return fd is None or bytes_at_stake(unread_bytes(fd), unacked_bytes(fd),
-                                            fin_sent=not self.tls)
+        return fd is None or bytes_at_stake(unread_bytes(fd) if count_unread else 0,
+                                            unacked_bytes(fd), fin_sent=not self.tls)
 
     def _safe_to_abort(self) -> bool:
         if self.transport.get_write_buffer_size() > 0:
@@ -145,6 +146,9 @@ class AsyncioDrainEngine:
         # The server's stop (begin_stop): nothing lingers past this loop time.
         self._stop_limit: float | None = None
         self._stop_timer: asyncio.TimerHandle | None = None
+        # At stake at the stop only by bytes that had arrived but the loop had not read yet:
+        # judged again at the next sweep, once it has read them.
+        self._stop_recheck: list[LingeringConnection] = []
 
     @property
     def lingering(self) -> int:
@@ -218,6 +222,8 @@ class AsyncioDrainEngine:
     def _next_deadline(self) -> float | None:
         due = self._tls_close_due
         deadlines = [due[0][0]] if due else []
+        if self._stop_recheck:
+            deadlines.append(self.loop.time())  # as soon as the sweep interval allows
         lingering = self._lingering
         if lingering:
             deadlines.append(next(iter(lingering)).state.deadline)
@@ -235,6 +241,12 @@ class AsyncioDrainEngine:
                 break
             self._end_due(conn, now)
         if self._stop_limit is not None:
+            for conn in self._stop_recheck:
+                if conn in lingering and not conn._at_stake():
+                    ending = conn.state.on_quiet_shutdown()
+                    assert ending is not None
+                    self._finish(conn, ending)
+            self._stop_recheck.clear()
             # During a stop (stop_linger, 2 s at most) every sweep looks at every connection.
             for conn in [conn for conn in lingering if conn.state.deadline <= now]:
                 self._end_due(conn, now)
@@ -317,7 +329,10 @@ class AsyncioDrainEngine:
         self._stop_limit = limit
         for conn in list(self._lingering):
             state = conn.state
-            ending = state.on_stop(now, limit, state.stopping or conn._at_stake())
+            at_stake = state.stopping or conn._at_stake()
+            if at_stake and not state.stopping and not conn._at_stake(count_unread=False):
+                self._stop_recheck.append(conn)
+            ending = state.on_stop(now, limit, at_stake)
             if ending is not None:
                 self._finish(conn, ending)
         if self._stop_timer is not None:
@@ -361,9 +376,10 @@ class DescriptorReclaimer:
     exception handler, frees a batch at once.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, budget: DescriptorBudget,
+    def __init__(self, engine: AsyncioDrainEngine, budget: DescriptorBudget,
                  held: Callable[[], int], close_idle: Callable[[int, Any], int]) -> None:
-        self.loop = loop
+        self.engine = engine
+        self.loop = loop = engine.loop
         self.budget = budget
         self._held = held
         self._close_idle = close_idle
@@ -390,7 +406,7 @@ class DescriptorReclaimer:
     def _free(self, wanted: int, asking: Any) -> None:
         freed = self._close_idle(wanted, asking)
         if freed < wanted:
-            freed += drain_engine(self.loop).evict(wanted - freed)
+            freed += self.engine.evict(wanted - freed)
         if freed < wanted and self._again is None:
             self._again = self.loop.call_later(SWEEP_INTERVAL, self._look_again)
 

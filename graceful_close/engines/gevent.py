@@ -153,8 +153,10 @@ class GeventDrainEngine:
         limit = now + max(0.0, grace)
         self._stop_limit = limit
         for conn in list(self._lingering):
+            self._readable(conn)  # what has arrived is read first: unread, it would count
             state = conn.state
-            self._end(conn, state.on_stop(now, limit, at_stake(conn.sock, fin_sent=True)))
+            if state.ending is None:
+                self._end(conn, state.on_stop(now, limit, at_stake(conn.sock, fin_sent=True)))
         # The sweeper follows the order of activity, which a stop's deadlines do not keep:
         # look at every connection here instead, a few times a second (stop_linger is short).
         while self._lingering and (now := time.monotonic()) < limit:

@@ -227,6 +227,10 @@ class PollDrainEngine:
         for entry in list(self._by_start.values()):
             state = entry.state
             fd = entry.fd
+            if not state.stopping:
+                self.on_readable(fd)  # what has arrived is read first: unread, it would count
+                if state.ending is not None:
+                    continue  # the client's EOF was there
             at_stake = state.stopping or bytes_at_stake(unread_bytes(fd), unacked_bytes(fd),
                                                         fin_sent=True)
             ending = state.on_stop(now, self._stop_limit, at_stake)

@@ -228,7 +228,7 @@ class ASGIWorker(gasgi.ASGIWorker):
         budget = descriptor_budget()
         if budget is not None:
             self.reclaimer = DescriptorReclaimer(
-                self.loop, budget, held=lambda: self.nr_conns + self.drain_engine.lingering,
+                self.drain_engine, budget, held=lambda: self.nr_conns + self.drain_engine.lingering,
                 close_idle=self._close_idle)
         try:
             super().run()

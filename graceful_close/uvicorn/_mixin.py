@@ -61,7 +61,7 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
     if budget is not None:
         connections = first.server_state.connections
         _Process.reclaimer = DescriptorReclaimer(
-            first.loop, budget, held=connections.__len__,  # lingering ones are in the set too
+            drain_engine(first.loop), budget, held=connections.__len__,  # lingering ones are in the set too
             close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
