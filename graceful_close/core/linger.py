@@ -52,7 +52,9 @@ def bytes_at_stake(unread: int | None, unacked: int | None, fin_sent: bool) -> b
 
 # ---- the stop rule (issue 20), one for every engine ------------------------------------------
 # A graceful stop (a quick one ends everything at once) decides once per lingering
-# connection, when the stop begins or when the connection is handed off during it:
+# connection, when the stop begins or when the connection is handed off during it (the
+# engines first read what had already arrived: bytes in flight at that instant would
+# otherwise count as at stake):
 # - nothing at stake (bytes_at_stake is false): close at once with a plain close, as the
 #   stock servers have closed it already: a stop never waits for it;
 # - bytes at stake: the short stop linger. Like Apache's event MPM, whose dying process
