@@ -68,18 +68,30 @@ class Settings:
     linger_timeout: float = 5.0
     linger_max_bytes: int | None = None
     max_lingering: int = 10000
-    abort_on_timeout: bool = True
+    # ---- issue 20: a deadline ends with FIN ----
+    # false (nginx's reset_timedout_connection off, Apache): a deadline closes plainly; the
+    # client had our FIN since the half-close, and the socket waits for the client's FIN in
+    # FIN_WAIT_2, held by the kernel (net.ipv4.tcp_fin_timeout), not by us. true: RST once
+    # the client acknowledged everything (SIOCOUTQ), which frees the socket at once; but
+    # acknowledged is not read, and a client stack may drop unread bytes on RST.
+    abort_on_timeout: bool = False
     keepalive_requests: int = 1000
     keepalive_time: float = 3600.0
     nokeepalive_user_agents: tuple[str, ...] = ("legacy",)
     # Send "Keep-Alive: timeout=..., max=..." on responses that keep the connection.
     # Off by default, like nginx: clients do not need it, and it costs per response.
     keepalive_header: bool = False
+    # ---- issue 20: the stop rule (core.linger.stop_deadline) ----
+    # When the server stops gracefully, a lingering connection with bytes at stake ends
+    # this long after its half-close (Apache's short linger of a dying process, 2 s), and
+    # never after the server's own graceful timeout. 0: every one ends at the stop.
+    stop_linger: float = 2.0
 
     def __post_init__(self) -> None:
         _check_seconds("linger_time", self.linger_time, allow_zero=False)
         _check_seconds("linger_timeout", self.linger_timeout, allow_zero=False)
         _check_seconds("keepalive_time", self.keepalive_time, allow_zero=True)
+        _check_seconds("stop_linger", self.stop_linger, allow_zero=True)  # issue 20
         if self.linger_max_bytes is not None:
             _check_int("linger_max_bytes", self.linger_max_bytes, 1, 2**62, "None or an integer >= 1")
         _check_int("max_lingering", self.max_lingering, 1, 10_000_000, "an integer from 1 to 10000000")

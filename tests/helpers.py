@@ -39,8 +39,11 @@ SAMPLE_WSGI = "graceful_close.diagnostics.sample_apps:wsgi_app"
 SAMPLE_ASGI = "graceful_close.diagnostics.sample_apps:asgi_app"
 SHORT_LINGER = {"GRACEFUL_CLOSE_LINGER_TIMEOUT": "0.5", "GRACEFUL_CLOSE_LINGER_TIME": "2"}
 NGINX_LINGER = {"GRACEFUL_CLOSE_LINGER_TIMEOUT": "5", "GRACEFUL_CLOSE_LINGER_TIME": "30"}  # the defaults
-__all__ = ["NGINX_LINGER", "SAMPLE_ASGI", "SAMPLE_WSGI", "SHORT_LINGER", "SIGTERM_CLIENTS",
-           "StockFixed",
+# The opt-in RST on a deadline (issue 20 made FIN the default): tests that see a silent
+# client's release as the RST it gets run with it.
+ABORT_ON_TIMEOUT = {"GRACEFUL_CLOSE_ABORT_ON_TIMEOUT": "true"}
+__all__ = ["ABORT_ON_TIMEOUT", "NGINX_LINGER", "SAMPLE_ASGI", "SAMPLE_WSGI", "SHORT_LINGER",
+           "SIGTERM_CLIENTS", "StockFixed",
            "assert_close_pipelined_intact", "assert_early_413s_intact", "assert_one_line_refusal",
            "assert_sigterm_no_slower_than_stock", "count_state", "exchange_on_one_connection",
            "expect_stock_failure", "fd_count", "finished_close_clients", "idle_keepalive_clients",

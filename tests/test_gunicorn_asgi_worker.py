@@ -26,6 +26,7 @@ from graceful_close.diagnostics.scenarios import (
 )
 from graceful_close.gunicorn._compat import check_asgi_worker
 from tests.helpers import (
+    ABORT_ON_TIMEOUT,
     NGINX_LINGER,
     SAMPLE_ASGI,
     SHORT_LINGER,
@@ -123,8 +124,9 @@ def test_user_agent_rule_disables_keep_alive(start_server, worker: str) -> None:
 
 def tls_server(worker: str, certs: tuple[Path, ssl.SSLContext]) -> ServerProcess:
     certdir, client = certs
-    plain = asgi_server(worker, args=("--certfile", str(certdir / "cert.pem"),
-                                      "--keyfile", str(certdir / "key.pem")))
+    plain = asgi_server(worker, env=ABORT_ON_TIMEOUT,  # the release is seen as RST
+                        args=("--certfile", str(certdir / "cert.pem"),
+                              "--keyfile", str(certdir / "key.pem")))
     return ServerProcess(plain.argv, plain.env, tls=client)
 
 

@@ -28,7 +28,7 @@ from graceful_close.diagnostics.scenarios import (
     trickling,
 )
 from graceful_close.diagnostics.wire import ResponseReader, request_bytes
-from tests.helpers import SAMPLE_WSGI, count_state, fd_count, wait_until, worker_pids
+from tests.helpers import ABORT_ON_TIMEOUT, SAMPLE_WSGI, count_state, fd_count, wait_until, worker_pids
 
 REPO = Path(__file__).resolve().parent.parent
 LINGER_TIMEOUT = 0.5
@@ -112,7 +112,7 @@ def test_never_closing_clients_do_not_stall_a_normal_client(start_server, kind: 
 def our_server(request):
     server = gunicorn_server("tests.apps_gunicorn:app", worker_class(request.param, True),
                              args=["--pythonpath", str(REPO), "--keep-alive", "1"],
-                             env=SHORT_LINGER)
+                             env={**SHORT_LINGER, **ABORT_ON_TIMEOUT})  # release seen as RST
     with server:
         server.kind = request.param  # type: ignore[attr-defined]
         yield server
@@ -136,8 +136,9 @@ def _released_after_keepalive_expiry(port: int, hold: float) -> float | None:
 
 
 def test_silent_client_released_after_linger_timeout(our_server) -> None:
-    """Every close path lingers on the lingerer: the silent client is released (RST,
-    sent only once every response byte is acknowledged) linger_timeout after the FIN.
+    """Every close path lingers on the lingerer: the silent client is released (with
+    abort_on_timeout=true: RST, sent only once every response byte is acknowledged)
+    linger_timeout after the FIN.
     Stock closes plainly after 2 s and the client never learns it (orphan FIN_WAIT_2)."""
     tgt = target(our_server)
     paths = ["/", "/raise", "/raise-after-headers", "/upload?size=200000"]

@@ -66,8 +66,8 @@ class Loop:
     def lingering(self) -> int:
         return self.engine.lingering
 
-    def begin_stop(self) -> None:
-        self.defer(self.engine.begin_stop)
+    def begin_stop(self, grace: float = 30.0) -> None:
+        self.defer(self.engine.begin_stop, grace)
 
     def stop(self, grace: float) -> None:
         self.defer(self.engine.finish, grace)
@@ -148,14 +148,28 @@ def test_idle_and_total_deadlines(listener):
     assert wait_until(lambda: counters.ended_idle_timeout == 1, 5)
     assert wait_until(lambda: counters.ended_total_timeout == 1, 1.5 + 5)
     stop.set()
-    # Both clients had acknowledged everything, so the engine closed them with RST.
-    assert counters.aborted_with_rst == 2
+    # abort_on_timeout is off by default (issue 20): a deadline closes plainly, and the
+    # silent client, which had our FIN, sees nothing more (no RST).
+    assert counters.aborted_with_rst == 0
+    assert silent.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
     engine.stop(1)
 
 
-def test_timeout_never_destroys_unacknowledged_response(listener):
-    """A client that stops reading leaves response bytes unacked: the timeout must not RST them."""
-    engine, counters = make(linger_time=1, linger_timeout=0.3)
+def test_deadlines_reset_with_abort_on_timeout(listener):
+    """The opt-in: once the client acknowledged everything, a deadline ends with RST,
+    which frees the socket at once instead of a FIN_WAIT_2 orphan."""
+    engine, counters = make(linger_time=30, linger_timeout=0.3, abort_on_timeout=True)
+    silent, server = pair(listener)
+    engine.hand_off(server)
+    assert wait_until(lambda: counters.ended_idle_timeout == 1, 5)
+    assert counters.aborted_with_rst == 1
+    assert wait_until(lambda: silent.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0, 5)
+    silent.close()
+    engine.stop(1)
+
+
+def _stuck(listener) -> tuple[socket.socket, socket.socket, int]:
+    """A connection whose client stopped reading: response bytes wait unacknowledged."""
     client, server = pair(listener)
     server.setblocking(False)
     sent = 0
@@ -163,7 +177,15 @@ def test_timeout_never_destroys_unacknowledged_response(listener):
         while sent < 20_000_000:
             sent += server.send(b"D" * 65536)
     except BlockingIOError:
-        pass  # the send queue is full: bytes are waiting for the client's window
+        pass
+    return client, server, sent
+
+
+def test_timeout_never_destroys_unacknowledged_response(listener):
+    """A client that stops reading leaves response bytes unacked: a timeout must not RST
+    them, not even with abort_on_timeout=true."""
+    engine, counters = make(linger_time=1, linger_timeout=0.3, abort_on_timeout=True)
+    client, server, sent = _stuck(listener)
     engine.hand_off(server)
     assert wait_until(lambda: counters.ended_idle_timeout == 1, 5)
     assert counters.aborted_with_rst == 0
@@ -210,10 +232,12 @@ def test_peer_already_reset(listener):
 
 
 def test_young_evicted_socket_is_reset_not_orphaned(listener):
-    """Evicted before the client acked our FIN (a delayed ACK): only the FIN is outstanding
-    (SIOCOUTQ 1), so RST loses nothing and spares a 60 s FIN_WAIT_2 orphan. Counting the
-    FIN as data (outstanding must be 0) made this close a plain one."""
-    engine, counters = make(max_lingering=1, linger_time=30, linger_timeout=30)
+    """With abort_on_timeout=true: evicted before the client acked our FIN (a delayed ACK):
+    only the FIN is outstanding (SIOCOUTQ 1), so RST loses nothing and spares a 60 s
+    FIN_WAIT_2 orphan. Counting the FIN as data (outstanding must be 0) made this close a
+    plain one."""
+    engine, counters = make(max_lingering=1, linger_time=30, linger_timeout=30,
+                            abort_on_timeout=True)  # the opt-in (issue 20)
     first_client, first = pair(listener)
     second_client, second = pair(listener)
     first.sendall(b"response")
@@ -227,27 +251,50 @@ def test_young_evicted_socket_is_reset_not_orphaned(listener):
     engine.stop(1)
 
 
-def test_stop_closes_quiet_connections_at_once_and_lingers_where_bytes_are_at_stake(listener):
-    """Issue 12 item 1: at a stop, a connection whose response is acknowledged and that
-    sent nothing more closes at once (plain close: the client already had our FIN);
-    one whose client is still sending keeps lingering."""
-    engine, counters = make(linger_time=30, linger_timeout=30)
+def test_stop_rule_closes_what_has_nothing_at_stake_and_gives_the_rest_stop_linger(listener):
+    """Issue 20, the stop rule: at a graceful stop a connection whose response is
+    acknowledged and with nothing unread closes at once (plain close: the client had our
+    FIN), whether its client sent nothing (issue 12), drained an upload and went quiet
+    (used to linger linger_timeout), or sent bytes that had just arrived (read first); one
+    with bytes at stake (here response bytes the client has not acknowledged) ends
+    stop_linger after its half-close, not at the grace."""
+    engine, counters = make(linger_time=30, linger_timeout=30, stop_linger=1.0)
     quiet_client, quiet = pair(listener)
-    busy_client, busy = pair(listener)
+    drained_client, drained = pair(listener)
+    late_client, late = pair(listener)
+    stuck_client, stuck, sent = _stuck(listener)
     quiet.sendall(b"response")
-    engine.hand_off(quiet)
-    engine.hand_off(busy)
-    assert wait_until(lambda: engine.lingering == 2, 5)
-    busy_client.sendall(b"x" * 10_000)  # an upload the app never read
-    time.sleep(0.3)  # read and discarded by the loop
-    engine.begin_stop()
-    assert wait_until(lambda: counters.ended_shutdown == 1, 5)
+    for sock in (quiet, drained, late, stuck):
+        engine.hand_off(sock)
+    assert wait_until(lambda: engine.lingering == 4, 5)
+    drained_client.sendall(b"x" * 10_000)  # an upload the app never read
+    time.sleep(0.3)  # read and discarded by the loop, every FIN acknowledged
+    handed_off = time.monotonic()
+    late_client.sendall(b"y" * 100)  # may still be unread when the stop begins
+    engine.begin_stop(30)
+    assert wait_until(lambda: counters.ended_shutdown == 3, 5)
     assert engine.lingering == 1 and counters.aborted_with_rst == 0
+    assert wait_until(lambda: engine.lingering == 0, 10)
+    assert time.monotonic() - handed_off < 10  # stop_linger (1 s), not the grace (30 s)
+    assert counters.ended_shutdown == 4 and counters.bytes_discarded == 10_100
     assert read_all(quiet_client) == (len(b"response"), "FIN")
-    busy_client.close()
-    assert wait_until(lambda: counters.ended_eof == 1 and engine.lingering == 0, 5)
-    assert counters.bytes_discarded == 10_000
-    quiet_client.close()
+    assert read_all(stuck_client, timeout=20) == (sent, "FIN")  # the close lost nothing
+    for sock in (quiet_client, drained_client, late_client, stuck_client):
+        sock.close()
+    engine.stop(1)
+
+
+def test_stop_never_lingers_beyond_the_grace(listener):
+    engine, counters = make(linger_time=30, linger_timeout=30, stop_linger=30)
+    client, server, sent = _stuck(listener)
+    engine.hand_off(server)
+    assert wait_until(lambda: engine.lingering == 1, 5)
+    started = time.monotonic()
+    engine.begin_stop(0.5)
+    assert wait_until(lambda: engine.lingering == 0, 5)
+    assert time.monotonic() - started < 5 and counters.ended_shutdown == 1
+    assert read_all(client, timeout=20) == (sent, "FIN")
+    client.close()
     engine.stop(1)
 
 
@@ -261,4 +308,29 @@ def test_quiet_hand_off_while_stopping_closes_without_lingering(listener):
     assert read_all(client) == (len(b"last response"), "FIN")
     assert counters.lingering_started == 0 and engine.lingering == 0
     client.close()
+    engine.stop(1)
+
+
+def test_evict_ends_the_oldest_first(listener):
+    """Short of descriptors (issue 20): evict(n) ends the n oldest lingering connections
+    with a plain close; the others keep lingering."""
+    engine, counters = make(linger_time=30, linger_timeout=30)
+    clients = []
+    for _ in range(4):
+        client, server = pair(listener)
+        clients.append(client)
+        engine.hand_off(server)
+        time.sleep(0.05)
+    assert wait_until(lambda: engine.lingering == 4, 5)
+    ended: list[int] = []
+    engine.defer(lambda: ended.append(engine.engine.evict(2)))
+    assert wait_until(lambda: ended == [2] and engine.lingering == 2, 5)
+    assert counters.ended_evicted == 2 and counters.aborted_with_rst == 0
+    for client in clients:  # a byte to a closed socket is answered with RST
+        client.send(b"x")
+    time.sleep(0.3)
+    errors = [client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for client in clients]
+    assert [bool(e) for e in errors] == [True, True, False, False], errors
+    for client in clients:
+        client.close()
     engine.stop(1)

@@ -52,8 +52,9 @@ def _answered_and_held(port: int, path: str = "/") -> socket.socket:
 def test_twice_max_lingering_never_closing_clients_evicts_the_oldest(start_server,
                                                                     kind: str) -> None:
     """max_lingering=20 and 40 clients that never close (deadlines far away): the 20
-    oldest are evicted (reset: they acknowledged everything), the 20 newest still
-    linger, the worker keeps serving, and every fd comes back when clients close."""
+    oldest are evicted (a plain close: a byte they send then is answered with RST), the
+    20 newest still linger (a byte they send is read and dropped), the worker keeps
+    serving, and every fd comes back when clients close."""
     limit = 20
     server = start_server(make_server(kind, linger_env(max_lingering=limit, linger_timeout=30,
                                                        linger_time=60)))
@@ -66,6 +67,8 @@ def test_twice_max_lingering_never_closing_clients_evicts_the_oldest(start_serve
     time.sleep(0.5)
     clients += [_answered_and_held(server.port) for _ in range(limit)]
     assert wait_until(lambda: fd_count(pid) <= baseline + limit, 5), (fd_count(pid), baseline)
+    for sock in clients:
+        sock.send(b"x")
     time.sleep(0.3)
     errors = [so_error(sock) for sock in clients]
     # RST on a client socket in CLOSE-WAIT shows as EPIPE, elsewhere as ECONNRESET

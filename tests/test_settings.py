@@ -15,17 +15,19 @@ from graceful_close.settings import Settings, SettingsError
 def test_defaults_follow_nginx():
     s = Settings()
     assert (s.linger_time, s.linger_timeout, s.linger_max_bytes) == (30.0, 5.0, None)
-    assert (s.max_lingering, s.abort_on_timeout) == (10000, True)
+    assert (s.max_lingering, s.abort_on_timeout) == (10000, False)  # issue 20: FIN, like nginx
     assert (s.keepalive_requests, s.keepalive_time) == (1000, 3600.0)
     assert s.nokeepalive_user_agents == ("legacy",)
+    assert s.stop_linger == 2.0  # Apache's short linger of a dying process (issue 20)
 
 
 def test_env_then_kwargs_win():
     env = {"GRACEFUL_CLOSE_LINGER_TIME": "12.5", "GRACEFUL_CLOSE_LINGER_TIMEOUT": "2",
            "GRACEFUL_CLOSE_ABORT_ON_TIMEOUT": "off", "GRACEFUL_CLOSE_LINGER_MAX_BYTES": "1048576",
            "GRACEFUL_CLOSE_NOKEEPALIVE_USER_AGENTS": "legacy, msie6",
-           "GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "0"}
+           "GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "0", "GRACEFUL_CLOSE_STOP_LINGER": "0.5"}
     s = Settings.from_env(env, linger_timeout=3.0)
+    assert s.stop_linger == 0.5
     assert s.linger_time == 12.5 and s.linger_timeout == 3.0
     assert s.abort_on_timeout is False and s.linger_max_bytes == 1 << 20
     assert s.nokeepalive_user_agents == ("legacy", "msie6") and s.keepalive_requests == 0
@@ -48,6 +50,7 @@ def test_env_user_agents_as_json_list_keeps_commas_in_regexes():
     ({"abort_on_timeout": "yes"}, "abort_on_timeout='yes'"),
     ({"keepalive_requests": -1}, "keepalive_requests=-1"),
     ({"keepalive_time": -5}, "keepalive_time=-5"),
+    ({"stop_linger": -1}, "stop_linger=-1"),
     ({"nokeepalive_user_agents": ("legacyy",)}, "unknown preset"),
     ({"nokeepalive_user_agents": ("MSIE [",)}, "valid regex"),
     ({"nokeepalive_user_agents": "legacy"}, "nokeepalive_user_agents='legacy'"),

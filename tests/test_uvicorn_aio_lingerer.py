@@ -17,13 +17,16 @@ from typing import cast
 import pytest
 
 from graceful_close.core import Counters
-from graceful_close.engines.aio import AsyncioDrainEngine
+from graceful_close.core.descriptors import DescriptorBudget
+from graceful_close.engines.aio import SWEEP_INTERVAL, AsyncioDrainEngine, DescriptorReclaimer
 from graceful_close.settings import Settings
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
 
 
 class Answering(asyncio.Protocol):
+    response = RESPONSE
+
     def __init__(self, engine: AsyncioDrainEngine) -> None:
         self.engine = engine
 
@@ -31,7 +34,7 @@ class Answering(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        self.transport.write(RESPONSE)
+        self.transport.write(self.response)
         self.engine.hand_off(self.transport)
         assert self.transport.get_protocol() is not self  # the engine owns it now
 
@@ -90,19 +93,23 @@ def test_client_close_is_the_clean_end() -> None:
     assert counters.bytes_discarded == 14000
 
 
-def test_silent_client_is_reset_after_the_idle_deadline_once_acked() -> None:
+@pytest.mark.parametrize("abort", [False, True], ids=["default", "abort_on_timeout"])
+def test_silent_client_after_the_idle_deadline(abort: bool) -> None:
+    """Default (issue 20): the deadline closes plainly; the client keeps the FIN it had and
+    sees no RST. abort_on_timeout=true: RST once everything is acknowledged."""
     async def client(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         data = await reader.read(65536)
         assert data == RESPONSE
         assert await reader.read(1) == b""  # our FIN, right behind the response
         await asyncio.sleep(0.6)
+        assert engine.lingering == 0
         sock = writer.get_extra_info("socket")
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0  # the RST came
+        assert (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0) == abort  # RST?
         writer.close()
 
-    counters = run(short(), client)
-    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 1
+    counters = run(short(abort_on_timeout=abort), client)
+    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == int(abort)
 
 
 def test_trickling_client_ends_at_linger_time_and_byte_cap_ends_sooner() -> None:
@@ -140,8 +147,8 @@ def test_shutdown_ends_lingering_connections_at_its_deadline() -> None:
     async def client(port: int, engine: AsyncioDrainEngine) -> None:
         reader, writer = await _request(port)
         assert await reader.read(65536) == RESPONSE
-        engine.begin_shutdown(0.1)
-        writer.write(b"t")  # keeps the idle deadline away
+        writer.write(b"t")  # unread when the stop begins: at stake
+        engine.begin_stop(0.1)
         await asyncio.sleep(0.25)
         assert engine.lingering == 0
         writer.close()
@@ -196,37 +203,111 @@ def test_uvloop_transport_is_handed_off_too() -> None:
         writer.close()
         silent_reader, silent = await _request(port)
         assert await silent_reader.read(65536) == RESPONSE
-        await asyncio.sleep(0.7)  # idle deadline 0.3 s: RST once everything is acked
+        await asyncio.sleep(0.7)  # idle deadline 0.3 s: a plain close (the default)
         assert engine.lingering == 0
         silent.close()
         server.close()
 
     uvloop.run(main())
-    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 1
+    assert counters.ended_idle_timeout == 1 and counters.aborted_with_rst == 0
     assert counters.ended_eof == 1
 
 
 def test_shutdown_closes_at_once_and_plainly_what_has_nothing_at_stake() -> None:
     """A client holding a finished connection (everything acked, nothing unread) does not
     delay a stop: it is closed at once with a plain close (no RST: it may not have read the
-    response yet); one still sending lingers until the shutdown deadline."""
+    response yet). One whose last bytes had arrived but were not read yet when the stop
+    began is judged again once the loop has read them (the next sweep), and closed then."""
     async def client(port: int, engine: AsyncioDrainEngine) -> None:
         quiet_reader, quiet = await _request(port)
         busy_reader, busy = await _request(port)
         for reader in (quiet_reader, busy_reader):
             assert await reader.read(65536) == RESPONSE
         await asyncio.sleep(0.2)  # everything acked, our FIN included
-        busy.write(b"x" * 100)  # unread by the time the stop begins? keep it busy
-        engine.begin_shutdown(1.0)
-        engine.begin_shutdown(1.0)  # uvicorn calls it once per connection: idempotent
-        await asyncio.sleep(0.1)
-        assert engine.lingering == 1  # the busy one
+        busy.write(b"x" * 100)  # in the server's receive queue, not read by the loop yet
+        engine.begin_stop(5.0)
+        engine.begin_stop(5.0)  # uvicorn calls it once per connection: idempotent
+        assert engine.lingering == 1  # the busy one: unread bytes are at stake
         sock = quiet.get_extra_info("socket")
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # no RST
-        await asyncio.sleep(1.2)
-        assert engine.lingering == 0
+        await asyncio.sleep(0.5)
+        assert engine.lingering == 0  # read, then found quiet: not held to stop_linger
         quiet.close()
         busy.close()
 
     counters = run(short(linger_timeout=5.0, linger_time=10.0), client)
-    assert counters.ended_shutdown == 2
+    assert counters.ended_shutdown == 2 and counters.bytes_discarded == 100
+
+
+class BigAnswering(Answering):
+    response = b"D" * 8_000_000  # more than the socket buffers hold: unacknowledged bytes
+
+
+def test_stop_gives_what_is_at_stake_stop_linger_from_its_half_close() -> None:
+    """Issue 20: a client that stopped reading its response (bytes unacknowledged: at
+    stake) ends stop_linger after the hand-off, not at the stop's limit; the one with
+    nothing at stake closes at once; the stop ends with SHUTDOWN, nothing is reset."""
+    counters = Counters()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        engine = AsyncioDrainEngine(loop, Settings(linger_timeout=30, linger_time=60,
+                                                   stop_linger=0.5), counters)
+        big = await loop.create_server(lambda: BigAnswering(engine), "127.0.0.1", 0)
+        small = await loop.create_server(lambda: Answering(engine), "127.0.0.1", 0)
+        stuck_reader, stuck = await _request(big.sockets[0].getsockname()[1])
+        quiet_reader, quiet = await _request(small.sockets[0].getsockname()[1])
+        assert await quiet_reader.read(65536) == RESPONSE
+        await asyncio.sleep(0.2)  # handed off, and everything of the quiet one acknowledged
+        assert engine.lingering == 2
+        engine.begin_stop(30)
+        await asyncio.sleep(0.05)
+        assert engine.lingering == 1 and counters.ended_shutdown == 1
+        await asyncio.sleep(0.6)
+        assert engine.lingering == 0 and counters.ended_shutdown == 2
+        assert counters.aborted_with_rst == 0
+        for writer in (stuck, quiet):
+            writer.close()
+        for server in (big, small):
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_descriptor_reclaimer_frees_idle_then_lingering_and_looks_again_while_short() -> None:
+    """Issue 20: near the budget, idle connections first (the adapter's close_idle), then
+    the least recently active lingering ones; when that is not enough, it looks again at
+    the next sweep, by itself."""
+    counters = Counters()
+    calls: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        engine = AsyncioDrainEngine(loop, short(linger_timeout=30, linger_time=60), counters)
+        server = await loop.create_server(lambda: Answering(engine), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clients = [await _request(port) for _ in range(3)]
+        for reader, _ in clients:
+            assert await reader.read(65536) == RESPONSE
+        await asyncio.sleep(0.05)
+        held = [60]  # descriptors the adapter says its connections hold
+
+        def close_idle(wanted: int, asking: object) -> int:
+            calls.append(wanted)
+            return 1  # one idle keep-alive connection closed by the adapter
+
+        reclaimer = DescriptorReclaimer(engine, DescriptorBudget(limit=64, in_use=4), lambda: held[0],
+                                        close_idle)
+        assert reclaimer.budget.capacity == 57
+        reclaimer.check()  # 60 held: 3 beyond capacity + a batch of 3 = 6 wanted
+        assert calls == [6] and engine.lingering == 0 and counters.ended_evicted == 3
+        await asyncio.sleep(SWEEP_INTERVAL * 1.5)  # still short: it looked again
+        assert calls == [6, 6]
+        held[0] = 40  # room again: the next look frees nothing, and it stops looking
+        await asyncio.sleep(SWEEP_INTERVAL * 3)
+        assert calls == [6, 6]
+        for _, writer in clients:
+            writer.close()
+        server.close()
+
+    asyncio.run(main())

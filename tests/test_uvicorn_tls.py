@@ -12,6 +12,7 @@ import pytest
 
 from graceful_close.diagnostics.launch import ServerProcess
 from graceful_close.diagnostics.scenarios import Target, never_closing, pipelined_after_close
+from tests.helpers import ABORT_ON_TIMEOUT
 from tests.uvicorn_servers import LINGER_TIME, tls_server
 
 BIG = 2_000_000
@@ -25,7 +26,8 @@ def servers(certs):
     def get(kind: str, http: str, loop: str) -> Target:
         key = (kind, http, loop)
         if key not in started:
-            started[key] = tls_server(kind, http, loop, *certs).start()
+            # abort_on_timeout: a never-closing client's release is seen as the RST it gets
+            started[key] = tls_server(kind, http, loop, *certs, env=ABORT_ON_TIMEOUT).start()
         return Target("127.0.0.1", started[key].port, tls=certs[1])
 
     yield get

@@ -57,7 +57,8 @@ class Fleet:
 
 
 def tls_server(kind: str, http: str, loop: str, certdir: Path,
-               client_context: ssl.SSLContext) -> ServerProcess:
-    plain = make_server(kind, http, loop, args=("--ssl-keyfile", str(certdir / "key.pem"),
-                                                "--ssl-certfile", str(certdir / "cert.pem")))
+               client_context: ssl.SSLContext, env: dict[str, str] | None = None) -> ServerProcess:
+    plain = make_server(kind, http, loop, env=env,
+                        args=("--ssl-keyfile", str(certdir / "key.pem"),
+                              "--ssl-certfile", str(certdir / "cert.pem")))
     return ServerProcess(plain.argv, plain.env, tls=client_context)

@@ -50,10 +50,35 @@ def bytes_at_stake(unread: int | None, unacked: int | None, fin_sent: bool) -> b
     return unread is None or unread > 0 or not nothing_unacked(unacked, fin_sent)
 
 
+# ---- the stop rule (issue 20), one for every engine ------------------------------------------
+# A graceful stop (a quick one ends everything at once) decides once per lingering
+# connection, when the stop begins or when the connection is handed off during it (the
+# engines first read what had already arrived: bytes in flight at that instant would
+# otherwise count as at stake):
+# - nothing at stake (bytes_at_stake is false): close at once with a plain close, as the
+#   stock servers have closed it already: a stop never waits for it;
+# - bytes at stake: the short stop linger. Like Apache's event MPM, whose dying process
+#   gives every lingering connection its short linger (2 s since the lingering began,
+#   SECONDS_TO_LINGER), it ends settings.stop_linger after its half-close (at once if it
+#   has lingered that long), and never after `limit`: what the server's own graceful
+#   timeout leaves. Stock gunicorn's close_graceful also lingers at most 2 s.
+
+
+def stop_deadline(started: float, stop_linger: float, limit: float) -> float:
+    """When a connection lingering since `started` ends, once its server stops with bytes
+    at stake; `limit` is when the server's own graceful timeout runs out."""
+    return min(started + stop_linger, limit)
+
+
 @dataclass(frozen=True)
 class Ending:
     reason: EndReason
     abort_if_acked: bool  # RST allowed when the send queue is empty (nothing unacked)
+
+    @property
+    def forced(self) -> bool:
+        """Ended by us (a deadline, the byte cap, eviction, a stop), not by the client."""
+        return self.reason in _MAY_ABORT
 
     def aborts(self, unacked: int | None) -> bool:
         """Close with RST (SO_LINGER 0)? `unacked` is the send queue after our half-close."""
@@ -64,7 +89,7 @@ class LingerState:
     """One connection between its half-close and its close."""
 
     __slots__ = ("started", "last_read", "discarded", "ending", "_idle", "_total_deadline",
-                 "_max_bytes", "_abort")
+                 "_max_bytes", "_abort", "_stop_linger", "stopping")
 
     def __init__(self, settings: Settings, now: float) -> None:
         self.started = now
@@ -75,6 +100,8 @@ class LingerState:
         self._total_deadline = now + settings.linger_time
         self._max_bytes = settings.linger_max_bytes
         self._abort = settings.abort_on_timeout
+        self._stop_linger = settings.stop_linger
+        self.stopping = False  # on_stop() was called: the total deadline is the stop's
 
     @property
     def total_deadline(self) -> float:
@@ -119,11 +146,24 @@ class LingerState:
         self.ending = _ENDINGS[EndReason.SHUTDOWN, False]
         return self.ending
 
+    def on_stop(self, now: float, limit: float, at_stake: bool) -> Ending | None:
+        """The server stops gracefully (the stop rule above). `at_stake`: what the engine
+        learnt from the kernel (bytes_at_stake). Later calls (a closer limit) only ever
+        bring the end closer."""
+        if self.ending:
+            return None
+        if not at_stake and not self.stopping:
+            return self.on_quiet_shutdown()
+        self.stopping = True
+        self._total_deadline = min(self._total_deadline,
+                                   stop_deadline(self.started, self._stop_linger, limit))
+        return self.on_timer(now)
+
     def on_timer(self, now: float) -> Ending | None:
         if self.ending:
             return None
         if now >= self._total_deadline:
-            return self._end(EndReason.TOTAL_TIMEOUT)
+            return self._end(EndReason.SHUTDOWN if self.stopping else EndReason.TOTAL_TIMEOUT)
         if now >= self.last_read + self._idle:
             return self._end(EndReason.IDLE_TIMEOUT)
         return None

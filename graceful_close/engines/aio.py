@@ -29,14 +29,16 @@ or a deadline, then close() which sends close_notify after the response.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import MutableSet
+from collections.abc import Callable, MutableSet
 from typing import Any, cast
 
 from ..core.counters import PROCESS_COUNTERS, Counters
+from ..core.descriptors import MAX_BATCH, DescriptorBudget
 from ..core.linger import Ending, LingerState, bytes_at_stake, nothing_unacked
 from ..settings import Settings, current_settings
 from .sockets import unacked_bytes, unread_bytes
@@ -47,10 +49,8 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 # and sweeps are at least this far apart however many connections linger.
 SWEEP_INTERVAL = 0.1
 
-# After the shutdown deadline, connections whose final close has not completed
-# (a client that stopped reading, a TLS peer that never answers close_notify)
-# get this long before they are aborted: the process is about to exit and
-# would drop their buffers anyway.
+# After a stop's limit, connections whose final close has not completed get this long
+# before they are aborted (AsyncioDrainEngine._abort_stuck_closes).
 SHUTDOWN_FORCE_GRACE = 1.0
 
 
@@ -102,10 +102,21 @@ class LingeringConnection(asyncio.Protocol):
     # ---- what a server calls on its open connections ----------------------------------
 
     def shutdown(self) -> None:
-        """uvicorn's Server.shutdown() calls this on every open connection."""
-        self.engine.begin_shutdown(self.engine.settings.linger_time)
+        """uvicorn's Server.shutdown() calls this on every open connection. The adapter's
+        own protocols begin the stop with uvicorn's limit first; this is the fallback."""
+        self.engine.begin_stop(self.engine.settings.linger_time)
 
     # ---- close -------------------------------------------------------------------
+
+    def _at_stake(self, count_unread: bool = True) -> bool:
+        """Could closing now lose a byte (core.linger.bytes_at_stake)? Unknown is at stake.
+        count_unread=False: only what we sent counts."""
+        if self.transport.get_write_buffer_size() > 0:
+            return True
+        fd = _fileno(self.transport)
+        # TLS: no half-close, so no FIN of ours in the count.
+        return fd is None or bytes_at_stake(unread_bytes(fd) if count_unread else 0,
+                                            unacked_bytes(fd), fin_sent=not self.tls)
 
     def _safe_to_abort(self) -> bool:
         if self.transport.get_write_buffer_size() > 0:
@@ -127,12 +138,17 @@ class AsyncioDrainEngine:
         self._lingering: OrderedDict[LingeringConnection, None] = OrderedDict()
         # Ended, transport.close() called, connection_lost not yet: value = when it ended.
         self._closing: dict[LingeringConnection, float] = {}
-        # TLS connections that ignored our close_notify: RST once acked, at the given time.
-        self._tls_abort_due: deque[tuple[float, LingeringConnection]] = deque()
+        # TLS connections whose close_notify the client may ignore: (when the TCP connection
+        # closes too, the connection, RST allowed once everything is acknowledged).
+        self._tls_close_due: deque[tuple[float, LingeringConnection, bool]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
-        self._shutdown_at: float | None = None
-        self._shutdown_timer: asyncio.TimerHandle | None = None
+        # The server's stop (begin_stop): nothing lingers past this loop time.
+        self._stop_limit: float | None = None
+        self._stop_timer: asyncio.TimerHandle | None = None
+        # At stake at the stop only by bytes that had arrived but the loop had not read yet:
+        # judged again at the next sweep, once it has read them.
+        self._stop_recheck: list[LingeringConnection] = []
 
     @property
     def lingering(self) -> int:
@@ -140,7 +156,7 @@ class AsyncioDrainEngine:
 
     @property
     def stopping(self) -> bool:
-        return self._shutdown_at is not None
+        return self._stop_limit is not None
 
     # ---- entry point -----------------------------------------------------------------
 
@@ -166,6 +182,11 @@ class AsyncioDrainEngine:
         transport.set_protocol(conn)
         self.counters.started()
         lingering[conn] = None
+        if self._stop_limit is not None:  # handed off during the stop: bytes are at stake
+            stop_ending = conn.state.on_stop(conn.state.started, self._stop_limit, at_stake=True)
+            if stop_ending is not None:
+                self._finish(conn, stop_ending)
+                return
         if not tls and transport.can_write_eof():
             try:
                 transport.write_eof()  # FIN goes out once the queued response is flushed
@@ -180,6 +201,8 @@ class AsyncioDrainEngine:
             pass
         if self._sweep is None:
             self._arm(conn.state.deadline)
+        elif self._stop_limit is not None:
+            self._rearm()
 
     # ---- the one timer ---------------------------------------------------------------
 
@@ -187,36 +210,74 @@ class AsyncioDrainEngine:
         when = max(when, self._sweep_at + SWEEP_INTERVAL)
         self._sweep = self.loop.call_at(when, self._on_sweep)
 
+    def _rearm(self) -> None:
+        """Deadlines moved closer (a stop): the sweep runs at the earliest one."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        when = self._next_deadline()
+        if when is not None:
+            self._arm(when)
+
+    def _next_deadline(self) -> float | None:
+        due = self._tls_close_due
+        deadlines = [due[0][0]] if due else []
+        if self._stop_recheck:
+            deadlines.append(self.loop.time())  # as soon as the sweep interval allows
+        lingering = self._lingering
+        if lingering:
+            deadlines.append(next(iter(lingering)).state.deadline)
+            if self._stop_limit is not None:  # a stop's deadlines come in no particular order
+                deadlines.append(min(conn.state.deadline for conn in lingering))
+        return min(deadlines) if deadlines else None
+
     def _on_sweep(self) -> None:
         now = self._sweep_at = self.loop.time()
         self._sweep = None
         lingering = self._lingering
         while lingering:
             conn = next(iter(lingering))
-            state = conn.state
-            if state.deadline > now:
+            if conn.state.deadline > now:
                 break
-            if conn.transport.get_write_buffer_size() > 0:
-                # Still flushing the response to a client that reads it: that is activity,
-                # so only linger_time bounds it.
-                ending = state.on_data(0, now)
-                if ending is None:
-                    lingering.move_to_end(conn)  # its deadline is now + linger_timeout
-                    continue
-            else:
-                ending = state.on_timer(now)
-                assert ending is not None  # its deadline passed
-            self._finish(conn, ending)
-        due = self._tls_abort_due
+            self._end_due(conn, now)
+        if self._stop_limit is not None:
+            for conn in self._stop_recheck:
+                if conn in lingering and not conn._at_stake():
+                    ending = conn.state.on_quiet_shutdown()
+                    assert ending is not None
+                    self._finish(conn, ending)
+            self._stop_recheck.clear()
+            # During a stop (stop_linger, 2 s at most) every sweep looks at every connection.
+            for conn in [conn for conn in lingering if conn.state.deadline <= now]:
+                self._end_due(conn, now)
+        due = self._tls_close_due
         while due and due[0][0] <= now:
-            conn = due.popleft()[1]
-            if conn in self._closing and conn._safe_to_abort() and _abort_with_rst(conn.transport):
+            _, conn, abort = due.popleft()
+            if conn not in self._closing:
+                continue  # closed already: the client answered our close_notify
+            if abort and conn._safe_to_abort() and _abort_with_rst(conn.transport):
                 self.counters.count("aborted_with_rst")
-        deadlines = [due[0][0]] if due else []
-        if lingering:
-            deadlines.append(next(iter(lingering)).state.deadline)
-        if deadlines:
-            self._arm(min(deadlines))
+            elif conn.transport.get_write_buffer_size() == 0:
+                # A plain close of the TCP connection (FIN), instead of waiting for the
+                # client's close_notify until the loop's ssl_shutdown_timeout (30 s).
+                conn.transport.abort()
+        when = self._next_deadline()
+        if when is not None:
+            self._arm(when)
+
+    def _end_due(self, conn: LingeringConnection, now: float) -> None:
+        """A connection whose deadline has passed ends, unless its response is still flushing
+        to a client that reads it: that is activity, so only linger_time bounds it."""
+        state = conn.state
+        if conn.transport.get_write_buffer_size() > 0:
+            ending = state.on_data(0, now)
+            if ending is None:
+                self._lingering.move_to_end(conn)  # its deadline is now + linger_timeout
+                return
+        else:
+            ending = state.on_timer(now)
+            assert ending is not None  # its deadline passed
+        self._finish(conn, ending)
 
     # ---- ending one connection -------------------------------------------------------
 
@@ -232,59 +293,126 @@ class AsyncioDrainEngine:
                 transport.close()  # flushes what is queued, then closes (TLS: close_notify)
                 now = self.loop.time()
                 self._closing[conn] = now
-                if conn.tls and ending.abort_if_acked:
-                    # The client ignored our close_notify for linger_timeout: RST once it
-                    # has acknowledged everything, close_notify included.
-                    self._tls_abort_due.append((now + self.settings.linger_timeout, conn))
+                if conn.tls and ending.forced:
+                    # TLS has no half-close: if the client ignores our close_notify for
+                    # linger_timeout, the TCP connection closes too: plainly (FIN), or with
+                    # abort_on_timeout by RST once it acknowledged everything.
+                    self._tls_close_due.append((now + self.settings.linger_timeout, conn,
+                                                ending.abort_if_acked))
                     if self._sweep is None:
                         self._arm(now + self.settings.linger_timeout)
         self.counters.record_end(ending.reason, conn.state.discarded, aborted)
 
+    def evict(self, count: int) -> int:
+        """The process is short of descriptors (core.descriptors): end up to `count`
+        lingering connections, the least recently active first; how many ended."""
+        ended = 0
+        lingering = self._lingering
+        while ended < count and lingering:
+            conn = next(iter(lingering))
+            ending = conn.state.on_evict()
+            assert ending is not None
+            self._finish(conn, ending)
+            ended += 1
+        return ended
+
     # ---- stop ------------------------------------------------------------------------
 
-    def begin_shutdown(self, grace: float) -> None:
-        """The server is stopping: whatever lingers `grace` seconds from now ends then.
-
-        `grace` is capped at linger_time; a later call can only bring the end closer.
-        """
-        grace = max(0.0, min(grace, self.settings.linger_time))
-        if self._shutdown_at is None:
-            # Once per stop (uvicorn calls this for every open connection): what has
-            # nothing at stake (the client has all we sent, our FIN included, and sent
-            # nothing unread) ends now with a plain close, never RST (the client may not
-            # have read it all yet): a stop does not wait for it, as stock has closed it
-            # already (issue 12 item 1).
-            for conn in list(self._lingering):
-                if nothing_at_stake(conn.transport):
-                    ending = conn.state.on_quiet_shutdown()
-                    assert ending is not None
-                    self._finish(conn, ending)
-        at = self.loop.time() + grace
-        if self._shutdown_at is not None and self._shutdown_at <= at:
+    def begin_stop(self, grace: float) -> None:
+        """The server stops gracefully (grace 0: quickly): the stop rule of core.linger for
+        every lingering connection, none beyond `grace` seconds from now. A later call can
+        only bring the end closer (uvicorn calls it once per open connection)."""
+        now = self.loop.time()
+        limit = now + max(0.0, grace)
+        if self._stop_limit is not None and self._stop_limit <= limit:
             return
-        self._shutdown_at = at
-        if self._shutdown_timer is not None:
-            self._shutdown_timer.cancel()
-        self._shutdown_timer = self.loop.call_at(at, self._end_for_shutdown)
-
-    def _end_for_shutdown(self) -> None:
-        shutdown_at = self._shutdown_at
-        assert shutdown_at is not None
+        self._stop_limit = limit
         for conn in list(self._lingering):
-            if conn.state.started <= shutdown_at:
-                ending = conn.state.on_shutdown()
-                assert ending is not None
+            state = conn.state
+            at_stake = state.stopping or conn._at_stake()
+            if at_stake and not state.stopping and not conn._at_stake(count_unread=False):
+                self._stop_recheck.append(conn)
+            ending = state.on_stop(now, limit, at_stake)
+            if ending is not None:
                 self._finish(conn, ending)
-        self._shutdown_timer = self.loop.call_later(SHUTDOWN_FORCE_GRACE, self._abort_stuck_closes)
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        self._stop_timer = self.loop.call_at(limit, self._end_for_stop)
+        self._rearm()
+
+    def _end_for_stop(self) -> None:
+        """The limit: whatever still lingers ends now (a response still flushing included)."""
+        limit = self._stop_limit
+        assert limit is not None
+        for conn in list(self._lingering):
+            ending = conn.state.on_shutdown()
+            assert ending is not None
+            self._finish(conn, ending)
+        self._stop_timer = self.loop.call_later(SHUTDOWN_FORCE_GRACE, self._abort_stuck_closes)
 
     def _abort_stuck_closes(self) -> None:
-        shutdown_at = self._shutdown_at
-        assert shutdown_at is not None
+        """Closes that did not complete SHUTDOWN_FORCE_GRACE after the limit (a client that
+        stopped reading, a TLS peer that never answers close_notify) are aborted: the
+        process is about to exit and would drop their buffers anyway."""
+        limit = self._stop_limit
+        assert limit is not None
         for conn, since in list(self._closing.items()):
-            if since <= shutdown_at:
+            if since <= limit:
                 conn.transport.abort()
-        self._shutdown_at = None  # done; a later server on this loop may stop again
-        self._shutdown_timer = None
+        self._stop_limit = None  # done; a later server on this loop may stop again
+        self._stop_timer = None
+
+
+class DescriptorReclaimer:
+    """Keeps the connections of one event loop within a DescriptorBudget (issue 20).
+
+    check() runs once per accepted connection and once per hand-off, never per request.
+    Near the limit it closes idle keep-alive connections with nothing at stake
+    (`close_idle(wanted, asking)`, the adapter's: it knows its protocols), then the least
+    recently active lingering ones. When that falls short (the connections are busy with
+    requests), it looks again every SWEEP_INTERVAL until there is room: the loop's own
+    accept() gives no sign when it runs out (uvloop closes the new connection at once,
+    asyncio pauses accepting for a second); asyncio's report of it, through the loop's
+    exception handler, frees a batch at once.
+    """
+
+    def __init__(self, engine: AsyncioDrainEngine, budget: DescriptorBudget,
+                 held: Callable[[], int], close_idle: Callable[[int, Any], int]) -> None:
+        self.engine = engine
+        self.loop = loop = engine.loop
+        self.budget = budget
+        self._held = held
+        self._close_idle = close_idle
+        self._again: asyncio.TimerHandle | None = None
+        previous = loop.get_exception_handler()
+
+        def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._free(MAX_BATCH, None)
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(on_loop_error)
+
+    def check(self, asking: Any = None) -> None:
+        """`asking`: the connection being accepted or handed off (never closed here)."""
+        wanted = self.budget.to_free(self._held())
+        if wanted:
+            self._free(wanted, asking)
+
+    def _free(self, wanted: int, asking: Any) -> None:
+        freed = self._close_idle(wanted, asking)
+        if freed < wanted:
+            freed += self.engine.evict(wanted - freed)
+        if freed < wanted and self._again is None:
+            self._again = self.loop.call_later(SWEEP_INTERVAL, self._look_again)
+
+    def _look_again(self) -> None:
+        self._again = None
+        self.check()
 
 
 def nothing_at_stake(transport: asyncio.BaseTransport) -> bool:
@@ -344,5 +472,5 @@ def drain_engine(loop: asyncio.AbstractEventLoop) -> AsyncioDrainEngine:
     return engine
 
 
-__all__ = ["SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL", "AsyncioDrainEngine", "LingeringConnection",
-           "drain_engine", "nothing_at_stake"]
+__all__ = ["SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL", "AsyncioDrainEngine", "DescriptorReclaimer",
+           "LingeringConnection", "drain_engine", "nothing_at_stake"]

@@ -60,6 +60,7 @@ class GeventDrainEngine:
         self.counters = counters
         self._lingering: OrderedDict[LingeringConnection, None] = OrderedDict()
         self._sweeper: gevent.Greenlet | None = None
+        self._stop_limit: float | None = None  # stop(): nothing lingers past this
 
     @property
     def lingering(self) -> int:
@@ -85,6 +86,11 @@ class GeventDrainEngine:
             self._end(conn, state.on_error())
             return
         conn.watcher.start(self._readable, conn)
+        if self._stop_limit is not None:  # handed off during the stop: bytes are at stake
+            ending = state.on_stop(state.started, self._stop_limit, at_stake=True)
+            if ending is not None:
+                self._end(conn, ending)
+                return
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep)
 
@@ -129,16 +135,36 @@ class GeventDrainEngine:
         conn.watcher.close()
         self.counters.record_end(ending.reason, conn.state.discarded, close_for(conn.sock, ending))
 
+    def evict(self, count: int) -> int:
+        """The process is short of descriptors (core.descriptors): end up to `count`
+        lingering connections, the least recently active first; how many ended."""
+        ended = 0
+        while ended < count and self._lingering:
+            conn = next(iter(self._lingering))
+            self._end(conn, conn.state.on_evict())
+            ended += 1
+        return ended
+
     def stop(self, grace: float) -> None:
-        """The worker is stopping. What has nothing at stake (the client has read our FIN
-        and sent nothing unread) ends now, as stock closes it; the rest runs up to
-        `grace` seconds, then ends (RST only when all was acknowledged)."""
+        """The worker is stopping (grace 0: quickly): the stop rule of core.linger for every
+        lingering connection, none beyond `grace` seconds from now; returns when the last
+        one has ended."""
+        now = time.monotonic()
+        limit = now + max(0.0, grace)
+        self._stop_limit = limit
         for conn in list(self._lingering):
-            if not at_stake(conn.sock, fin_sent=True):
-                self._end(conn, conn.state.on_shutdown())
-        deadline = time.monotonic() + grace
-        while self._lingering and time.monotonic() < deadline:
-            gevent.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._readable(conn)  # what has arrived is read first: unread, it would count
+            state = conn.state
+            if state.ending is None:
+                self._end(conn, state.on_stop(now, limit, at_stake(conn.sock, fin_sent=True)))
+        # The sweeper follows the order of activity, which a stop's deadlines do not keep:
+        # look at every connection here instead, a few times a second (stop_linger is short).
+        while self._lingering and (now := time.monotonic()) < limit:
+            for conn in [conn for conn in self._lingering if conn.state.deadline <= now]:
+                self._end(conn, conn.state.on_timer(now))
+            if self._lingering:
+                deadline = min(conn.state.deadline for conn in self._lingering)
+                gevent.sleep(min(SWEEP_INTERVAL, max(0.0, deadline - now)))
         for conn in list(self._lingering):
             self._end(conn, conn.state.on_shutdown())
 

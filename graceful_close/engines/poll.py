@@ -74,7 +74,8 @@ class PollDrainEngine:
         # No deadline is earlier than this (the earliest one seen by the last sweep):
         # deadlines only move later (new sockets, reads), so most sweeps end at one compare.
         self._due = math.inf
-        self.stopping = False  # set by begin_stop(): what has nothing at stake closes at once
+        self.stopping = False  # set by begin_stop(): the stop rule of core.linger applies
+        self._stop_limit = math.inf  # nothing lingers past this (the server's graceful timeout)
         self._own: Any = None  # our own epoll/selector, when the worker has no selector to share
         if selector is not None:
             self._use_selector(selector)
@@ -204,31 +205,50 @@ class PollDrainEngine:
             self.on_readable(fd)
         self.sweep(self._clock())
 
+    def evict(self, count: int) -> int:
+        """The process is short of descriptors (core.descriptors): end up to `count`
+        lingering connections, oldest first; how many ended."""
+        ended = 0
+        while ended < count and self._by_start:
+            entry = next(iter(self._by_start.values()))
+            self._finish(entry, entry.state.on_evict())
+            ended += 1
+        return ended
+
     # ---- stopping ------------------------------------------------------------------
 
-    def begin_stop(self) -> None:
-        """The server stops: close at once what has nothing at stake; linger the rest."""
-        if self.stopping:
-            return
+    def begin_stop(self, grace: float) -> None:
+        """The server stops gracefully (grace 0: quickly): the stop rule of core.linger for
+        every lingering connection, none beyond `grace` seconds from now. A later call can
+        only bring the end closer."""
+        now = self._clock()
+        self._stop_limit = min(self._stop_limit, now + max(0.0, grace))
         self.stopping = True
         for entry in list(self._by_start.values()):
+            state = entry.state
             fd = entry.fd
-            if entry.state.discarded == 0 and not bytes_at_stake(unread_bytes(fd), unacked_bytes(fd),
-                                                                 fin_sent=True):
-                self._finish(entry, entry.state.on_quiet_shutdown())
+            if not state.stopping:
+                self.on_readable(fd)  # what has arrived is read first: unread, it would count
+                if state.ending is not None:
+                    continue  # the client's EOF was there
+            at_stake = state.stopping or bytes_at_stake(unread_bytes(fd), unacked_bytes(fd),
+                                                        fin_sent=True)
+            ending = state.on_stop(now, self._stop_limit, at_stake)
+            if ending is not None:
+                self._finish(entry, ending)
+        self._due = self.next_deadline() or math.inf
 
     def finish(self, grace: float, tick: Callable[[], None] | None = None) -> None:
-        """The worker loop has ended: drain for up to `grace` seconds (at most linger_time),
-        then close what is left. `tick` runs about once a second (a worker's heartbeat)."""
-        self.begin_stop()
-        grace = max(0.0, min(grace, self.settings.linger_time))
-        if self._by_start and grace > 0:
+        """The worker loop has ended: run what still lingers to its end by the stop rule
+        (none beyond `grace` seconds from now), then close what is left. `tick` runs about
+        once a second (a worker's heartbeat)."""
+        self.begin_stop(grace)
+        if self._by_start:
             if self._own is None:
                 self._rehome()  # the worker's poller is closed or about to be
-            stop_at = self._clock() + grace
             next_tick = time.monotonic() + 1.0
-            while self._by_start and (now := self._clock()) < stop_at:
-                self.poll(min(stop_at - now, self.timeout(1.0, now) or 0.0))
+            while self._by_start and (now := self._clock()) < self._stop_limit:
+                self.poll(min(self._stop_limit - now, self.timeout(1.0, now) or 0.0))
                 if tick is not None and time.monotonic() >= next_tick:
                     tick()
                     next_tick = time.monotonic() + 1.0
@@ -254,6 +274,11 @@ class PollDrainEngine:
         if not shut:
             self._finish(entry, entry.state.on_error(), registered=False)
             return
+        if self.stopping:  # handed off during the stop: its bytes are at stake (see hand_off)
+            ending = entry.state.on_stop(entry.state.started, self._stop_limit, at_stake=True)
+            if ending is not None:
+                self._finish(entry, ending, registered=False)
+                return
         if len(self._by_start) >= self.settings.max_lingering:
             oldest = next(iter(self._by_start.values()))
             self._finish(oldest, oldest.state.on_evict())
@@ -264,7 +289,7 @@ class PollDrainEngine:
             return
         self._by_start[entry.fd] = entry
         self._by_activity[entry.fd] = entry
-        if self._due == math.inf:
+        if self._due > entry.state.deadline:  # a stop's deadlines need not come in order
             self._due = entry.state.deadline
 
     def _finish(self, entry: LingeringConnection, ending: Ending | None,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import _socket
 import fcntl
+import os
 import socket
 import struct
 import sys
 
+from ..core.descriptors import DescriptorBudget
 from ..core.linger import Ending, nothing_unacked
 
 try:  # Linux: SIOCOUTQ == TIOCOUTQ (bytes sent, not yet acknowledged by the peer) and
@@ -47,6 +49,25 @@ def unacked_bytes(fd: int) -> int | None:
 def unread_bytes(fd: int) -> int | None:
     """Bytes in the receive queue we have not read; None where unknown."""
     return _ioctl_int(fd, _FIONREAD)
+
+
+def descriptor_budget() -> DescriptorBudget | None:
+    """This process's DescriptorBudget: RLIMIT_NOFILE against the descriptors open now.
+    None where either is unknown (no resource module, no /proc or /dev/fd) or unlimited."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return None
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            in_use = len(os.listdir(directory)) - 1  # listdir's own descriptor
+        except OSError:
+            continue
+        return DescriptorBudget(soft, in_use)
+    return None
 
 
 def can_abort_safely(fd: int, fin_sent: bool) -> bool:

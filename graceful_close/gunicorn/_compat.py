@@ -99,6 +99,12 @@ ChunkedReader = gunicorn_body.ChunkedReader
 #    ThreadWorker instead when --threads > 1, as gunicorn builds gthread for sync.
 WORKER_CFG_INDEX = 5  # after self: age, ppid, sockets, app, timeout, cfg, log
 
+# 11. Issue 20, idle connections under descriptor pressure: ThreadWorker.keepalived_conns
+#     (kept-alive connections waiting for their next request, oldest first, each registered
+#     in the poller under its .sock) and .pending_conns (accepted, waiting for their first
+#     byte), both deques of TConn, counted in .nr_conns; murder_keepalived() is how gthread
+#     itself drops one (deque, poller, nr_conns, close).
+
 
 def _names(code: types.CodeType) -> set[str]:
     """Global and attribute names a function (and functions nested in it) looks up."""
@@ -167,6 +173,9 @@ def problems() -> list[str]:
     parameters = list(inspect.signature(base.Worker.__init__).parameters)[1:]
     if parameters[WORKER_CFG_INDEX:WORKER_CFG_INDEX + 1] != ["cfg"]:
         found.append("base.Worker.__init__ no longer takes cfg as its sixth argument")
+    if not (_uses(gthread.ThreadWorker.murder_keepalived, "keepalived_conns", "nr_conns", "poller")
+            and _uses(gthread.ThreadWorker.murder_pending, "pending_conns")):
+        found.append("gthread no longer keeps idle connections in keepalived_conns/pending_conns")
     return found
 
 
@@ -236,6 +245,28 @@ def defer(worker: Any) -> Callable[..., None]:
     return method
 
 
+def idle_connections(worker: Any) -> list[Any]:
+    """Reach 11: gthread's idle connections, kept-alive ones (oldest first), then those
+    waiting for their first byte."""
+    return [*worker.keepalived_conns, *worker.pending_conns]
+
+
+def forget_idle(worker: Any, conn: Any) -> None:
+    """Reach 11: take an idle connection out of gthread's books (as murder_keepalived
+    does), before the caller closes its socket."""
+    for idle in (worker.keepalived_conns, worker.pending_conns):
+        try:
+            idle.remove(conn)
+        except ValueError:
+            continue
+        break
+    try:
+        worker.poller.unregister(conn.sock)
+    except (OSError, KeyError, ValueError):
+        pass
+    worker.nr_conns -= 1
+
+
 _original_worker_class: Any = None
 
 
@@ -290,8 +321,11 @@ def install_sync_worker_guard() -> None:
 #   7. With keepalive_header=true: every HTTP/1.x response head is written by
 #      _send_response_start(status, headers, request, close), close being what _will_close
 #      decided; self._keepalive is gunicorn's --keep-alive.
+#   8. Issue 20: ASGIProtocol._keepalive_handle is set while a connection waits for its next
+#      request; _keepalive_timeout() ends such a connection (through _close_transport) and
+#      wakes its task. ASGIWorker.nr_conns counts the open connections.
 ASGI_PROTOCOL_METHODS = ("_close_transport", "_will_close", "connection_made", "connection_lost",
-                         "_send_response_start")
+                         "_send_response_start", "_keepalive_timeout", "_arm_keepalive_timer")
 
 
 def _code(function: object) -> types.CodeType | None:

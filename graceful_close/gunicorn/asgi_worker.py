@@ -27,7 +27,14 @@ from gunicorn.workers import gasgi
 
 from .. import metrics
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
-from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine, nothing_at_stake
+from ..engines.aio import (
+    SHUTDOWN_FORCE_GRACE,
+    AsyncioDrainEngine,
+    DescriptorReclaimer,
+    drain_engine,
+    nothing_at_stake,
+)
+from ..engines.sockets import descriptor_budget
 from ..settings import Settings, announce, current_settings
 from ._compat import check_asgi_worker, share_asgi_parser_cache
 
@@ -49,6 +56,9 @@ class LingeringASGIProtocol(ASGIProtocol):
     # The policy's answer for request number _gc_decided (gasgi may ask twice per request).
     _gc_decided = 0
     _gc_close = False
+    _gc_reuse = False  # closed as a reusable connection: plainly, without lingering
+    _keepalive_handle: Any
+    _request_ready: Any
 
     def connection_made(self, transport: Any) -> None:
         worker = self.worker
@@ -57,6 +67,24 @@ class LingeringASGIProtocol(ASGIProtocol):
             self._gc_accepted = worker.loop.time()
             self._gc_expires = worker.clock + policy.max_age
         super().connection_made(transport)
+        worker.open_protocols.add(self)
+        if worker.reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
+            worker.reclaimer.check(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.open_protocols.discard(self)
+        super().connection_lost(exc)
+
+    def _gc_close_if_idle(self) -> bool:
+        """Short of descriptors: close at once if idle between requests (gasgi's keep-alive
+        timer runs) with nothing at stake, as nginx drops its reusable connections first."""
+        transport = self.transport
+        if self._closed or self._keepalive_handle is None or transport is None or (
+                not nothing_at_stake(transport)):
+            return False
+        self._gc_reuse = True
+        self._keepalive_timeout()  # gasgi's own end of an idle connection, made early
+        return True
 
     def _will_close(self, request: Any, response_requires_close: bool) -> bool:
         # The hot path: two comparisons; the policy runs only when something is due.
@@ -101,11 +129,13 @@ class LingeringASGIProtocol(ASGIProtocol):
         self._closed = True
         if transport.is_closing():
             return  # the peer is gone already; connection_lost() follows from the transport
-        if not self.worker.alive and nothing_at_stake(transport):
+        if self._gc_reuse or (not self.worker.alive and nothing_at_stake(transport)):
             # Stopping or restarting, and no byte is at stake: close at once, as nginx
             # closes idle keep-alive connections on a stop (a plain close sends FIN).
             transport.close()
             return
+        if self.worker.reclaimer is not None:  # once per hand-off
+            self.worker.reclaimer.check(self)
         self.worker.drain_engine.hand_off(transport)
         # The transport reports to the drain engine from now on: do gasgi's own bookkeeping
         # (nr_conns, timers, disconnect to the app) as its connection_lost would, on the next
@@ -156,6 +186,10 @@ class ASGIWorker(gasgi.ASGIWorker):
     # A coarse clock (loop.time() at the last heartbeat) for the per-request age check.
     clock = 0.0
     _term_at: float | None = None
+    # Issue 20: keeps connections within RLIMIT_NOFILE (None when it is unknown), and the
+    # open connections (gasgi only counts them) whose idle ones a shortage may close.
+    reclaimer: DescriptorReclaimer | None = None
+    open_protocols: set[LingeringASGIProtocol]
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -190,6 +224,12 @@ class ASGIWorker(gasgi.ASGIWorker):
     def run(self) -> None:
         self.drain_engine = drain_engine(self.loop)
         self.clock = self.loop.time()
+        self.open_protocols = set()
+        budget = descriptor_budget()
+        if budget is not None:
+            self.reclaimer = DescriptorReclaimer(
+                self.drain_engine, budget, held=lambda: self.nr_conns + self.drain_engine.lingering,
+                close_idle=self._close_idle)
         try:
             super().run()
         finally:
@@ -198,6 +238,17 @@ class ASGIWorker(gasgi.ASGIWorker):
     def notify(self) -> None:
         self.clock = self.loop.time()
         super().notify()
+
+    def _close_idle(self, wanted: int, asking: Any) -> int:
+        """Up to `wanted` idle keep-alive connections with nothing at stake, closed at once
+        (the DescriptorReclaimer's first resort); how many."""
+        closed = 0
+        for protocol in list(self.open_protocols):
+            if closed >= wanted:
+                break
+            if protocol is not asking and protocol._gc_close_if_idle():
+                closed += 1
+        return closed
 
     def handle_exit_signal(self) -> None:  # SIGTERM
         if self._term_at is None:
@@ -208,25 +259,25 @@ class ASGIWorker(gasgi.ASGIWorker):
         await super()._shutdown()
         engine = self.drain_engine
         grace = self._stop_grace()
-        engine.begin_shutdown(grace)
-        # The loop closes when this returns: let what lingers end first (the engine ends
-        # every lingering connection at `grace` and aborts stuck closes a little later).
+        engine.begin_stop(grace)
+        # The loop closes when this returns: let what lingers end first (the stop rule ends
+        # most at once, the rest by stop_linger, every one by `grace`; stuck closes are
+        # aborted a little later).
         deadline = self.loop.time() + grace + SHUTDOWN_FORCE_GRACE
         while engine.lingering and self.loop.time() < deadline:
             if self._quick_shutdown:
-                engine.begin_shutdown(0.0)
+                engine.begin_stop(0.0)
             self.notify()
             await asyncio.sleep(0.05)
         await asyncio.sleep(0)  # closes requested by the engine's last sweep go out
 
     def _stop_grace(self) -> float:
-        """How long lingering connections may still run once gasgi's stop is done."""
+        """How long from now lingering connections may still run, at most, once gasgi's stop
+        is done (the stop rule of core.linger ends most of them much sooner)."""
         if self._quick_shutdown:
             return 0.0
-        linger_time = self.graceful_settings.linger_time
-        if self._term_at is not None:
-            # gunicorn's arbiter kills the worker at graceful_timeout: keep a second for the exit.
-            left = self.cfg.graceful_timeout - (self.loop.time() - self._term_at) - 1.0
-            return max(0.0, min(linger_time, left))
-        # max_requests restart or lost parent: the replacement starts when we exit.
-        return min(linger_time, self.graceful_settings.linger_timeout)
+        now = self.loop.time()
+        if self._term_at is None:  # max_requests restart or lost parent: the stop begins now
+            self._term_at = now
+        # gunicorn's arbiter kills the worker at graceful_timeout: keep a second for the exit.
+        return max(0.0, self.cfg.graceful_timeout - (now - self._term_at) - 1.0)

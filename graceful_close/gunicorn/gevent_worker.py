@@ -26,8 +26,10 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import ggevent
 
 from .. import metrics
+from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.gevent import GeventDrainEngine, at_stake
+from ..engines.sockets import descriptor_budget
 from ..settings import Settings, announce, current_settings
 from ._compat import check_gevent_worker, route_responses
 
@@ -68,6 +70,10 @@ class GeventWorker(ggevent.GeventWorker):
     clock = 0.0  # time.monotonic() at the last heartbeat
     _quick_exit = False
     _term_at: float | None = None
+    # Issue 20: RLIMIT_NOFILE against what was open when serving began, and the
+    # connections whose handler runs (each holds a descriptor).
+    descriptor_budget: DescriptorBudget | None = None
+    _gc_connections = 0
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -104,6 +110,7 @@ class GeventWorker(ggevent.GeventWorker):
             except OSError:
                 pass
             return
+        self._keep_room()
         self.drain_engine.hand_off(sock)
 
     def notify(self) -> None:
@@ -151,7 +158,28 @@ class GeventWorker(ggevent.GeventWorker):
         self._quick_exit = True  # run()'s finally ends what lingers at once
         super().handle_quit(sig, frame)
 
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self._gc_connections += 1
+        try:
+            self._keep_room()
+            super().handle(listener, client, addr)
+        finally:
+            self._gc_connections -= 1
+
+    def _keep_room(self) -> None:
+        """Once per accepted connection and once per hand-off, never per request: near
+        RLIMIT_NOFILE (core.descriptors), end the least recently active lingering
+        connections, so that the next accept() finds a descriptor. (The gevent worker
+        cannot tell an idle keep-alive connection from a busy one without a cost per
+        request: those wait for gunicorn's keep-alive timeout, then linger.)"""
+        budget = self.descriptor_budget
+        if budget is not None:
+            wanted = budget.to_free(self._gc_connections + self.drain_engine.lingering)
+            if wanted:
+                self.drain_engine.evict(wanted)
+
     def run(self) -> None:
+        self.descriptor_budget = descriptor_budget()
         try:
             super().run()
         finally:
@@ -159,10 +187,11 @@ class GeventWorker(ggevent.GeventWorker):
             metrics.flush_at_worker_exit()
 
     def _stop_grace(self) -> float:
+        """How long from now lingering sockets may still run, at most, once the worker loop
+        has ended (the stop rule of core.linger ends most of them much sooner)."""
         if self._quick_exit:
             return 0.0
-        linger_time = self.graceful_settings.linger_time
-        if self._term_at is not None:
-            left = self.cfg.graceful_timeout - (time.monotonic() - self._term_at) - STOP_MARGIN
-            return max(0.0, min(linger_time, left))
-        return min(linger_time, self.graceful_settings.linger_timeout)
+        now = time.monotonic()
+        if self._term_at is None:  # max_requests restart or lost parent: the stop begins now
+            self._term_at = now
+        return max(0.0, self.cfg.graceful_timeout - (now - self._term_at) - STOP_MARGIN)

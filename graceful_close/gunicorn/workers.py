@@ -28,8 +28,11 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import base, gthread, sync
 
 from .. import metrics
+from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
+from ..core.linger import bytes_at_stake
 from ..engines.poll import PollDrainEngine
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import Settings, announce, current_settings
 from . import _compat
 
@@ -38,7 +41,7 @@ __all__ = ["SyncLingerWorker", "SyncWorker", "ThreadWorker"]
 # Leave this much of gunicorn's graceful_timeout for the exit itself: the arbiter
 # sends SIGKILL when it runs out, and a killed worker resets what still lingers.
 STOP_MARGIN = 1.0
-# Out of descriptors (lingering sockets hold some): stop accepting this long instead of
+# Out of descriptors with nothing left to free: stop accepting this long instead of
 # letting accept() raise out of the worker loop; nginx pauses 500 ms as well.
 ACCEPT_PAUSE = 0.5
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -77,6 +80,8 @@ class _GracefulWorker(base.Worker):
 
     graceful_settings: Settings
     drain: PollDrainEngine
+    # RLIMIT_NOFILE against what the worker opened before serving (core.descriptors).
+    descriptor_budget: DescriptorBudget | None = None
     _quick_exit = False
     _term_at: float | None = None
 
@@ -105,6 +110,28 @@ class _GracefulWorker(base.Worker):
     def _start_engine(self, engine: PollDrainEngine) -> None:
         global _engine
         self.drain = _engine = engine
+        self.descriptor_budget = descriptor_budget()
+
+    def _free_descriptors(self, wanted: int) -> int:
+        """Short of descriptors: close up to `wanted` connections nobody loses anything
+        by (core.descriptors), oldest lingering ones here; how many were closed."""
+        return self.drain.evict(wanted)
+
+    def _accept_failed(self, exc: OSError) -> bool:
+        """accept() failed for lack of descriptors: free some (the connection waits in
+        the backlog and the next turn accepts it) and True; False when it is another
+        error or nothing could be freed (then the caller pauses accepting)."""
+        if exc.errno not in _OUT_OF_DESCRIPTORS:
+            raise exc
+        budget = self.descriptor_budget
+        freed = self._free_descriptors(budget.batch if budget is not None else 1)
+        if freed:
+            self.log.warning("graceful-close: accept() failed (%s); closed %d idle or "
+                             "lingering connections", exc.strerror, freed)
+            return True
+        self.log.warning("graceful-close: accept() failed (%s); pausing accepts for %gs",
+                         exc.strerror, ACCEPT_PAUSE)
+        return False
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful stop
         if self._term_at is None:
@@ -128,26 +155,15 @@ class _GracefulWorker(base.Worker):
             metrics.flush_at_worker_exit()
 
     def _stop_grace(self) -> float:
-        """How long lingering sockets with bytes at stake may still run once the worker
-        loop has ended (those with nothing at stake close at once)."""
+        """How long from now lingering sockets may still run, at most, once the worker
+        stops (the stop rule of core.linger ends most of them much sooner): what
+        graceful_timeout leaves of the stop, less the margin for the exit itself."""
         if self._quick_exit:
             return 0.0
-        if self._term_at is not None:
-            left = self.cfg.graceful_timeout - (time.monotonic() - self._term_at) - STOP_MARGIN
-            return max(0.0, min(self.graceful_settings.linger_time, left))
-        # max_requests restart or lost parent: nobody waits for us, but the replacement
-        # worker starts only when this one exits, so keep it short.
-        return self.graceful_settings.linger_timeout
-
-
-def _out_of_descriptors(exc: OSError, log: Any) -> bool:
-    """accept() failed for lack of descriptors (lingering sockets hold some): warn, and
-    let the worker pause accepting instead of letting the error end the worker loop."""
-    if exc.errno not in _OUT_OF_DESCRIPTORS:
-        return False
-    log.warning("graceful-close: accept() failed (%s); pausing accepts for %gs",
-                exc.strerror, ACCEPT_PAUSE)
-    return True
+        now = time.monotonic()
+        if self._term_at is None:  # max_requests restart or lost parent: the stop begins now
+            self._term_at = now
+        return max(0.0, self.cfg.graceful_timeout - (now - self._term_at) - STOP_MARGIN)
 
 
 class SyncLingerWorker(_GracefulWorker, sync.SyncWorker):
@@ -201,8 +217,8 @@ class SyncLingerWorker(_GracefulWorker, sync.SyncWorker):
         try:
             super().accept(listener)
         except OSError as exc:
-            if not _out_of_descriptors(exc, self.log):
-                raise
+            if self._accept_failed(exc):
+                return
             # The connection waits in the kernel's backlog. Meanwhile serve the lingering
             # sockets: they are what holds the descriptors.
             until = time.monotonic() + ACCEPT_PAUSE
@@ -211,6 +227,15 @@ class SyncLingerWorker(_GracefulWorker, sync.SyncWorker):
                     drain.poll(left)
                 else:
                     time.sleep(left)
+
+    def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
+        # Once per connection (one request each): keep room for the next accept().
+        budget = self.descriptor_budget
+        if budget is not None and self.drain.lingering:
+            wanted = budget.to_free(self.drain.lingering + 1)
+            if wanted:
+                self.drain.evict(wanted)
+        super().handle(listener, client, addr)
 
     def wait(self, timeout: float) -> Any:
         drain = self.drain
@@ -369,19 +394,45 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
         if drain.lingering:
             drain.sweep(now)
         if not self.alive and not drain.stopping:
-            drain.begin_stop()
+            drain.begin_stop(self._stop_grace())
 
     def accept(self, listener: socket.socket) -> None:
         try:
             super().accept(listener)
         except OSError as exc:
-            if not _out_of_descriptors(exc, self.log):
-                raise
-            # Stock gthread re-raises EMFILE and the worker dies. Unregister the listeners
-            # for a moment instead: sleeping here would stall the poller and every
-            # connection on it.
-            self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
-            self.set_accept_enabled(False)
+            # Stock gthread re-raises EMFILE and the worker dies (and with it every open
+            # connection). Free idle and lingering ones instead; when there are none,
+            # unregister the listeners for a moment: sleeping here would stall the poller
+            # and every connection on it.
+            if not self._accept_failed(exc):
+                self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+                self.set_accept_enabled(False)
+            return
+        # Once per accepted connection: keep room for the next one (core.descriptors).
+        budget = self.descriptor_budget
+        if budget is not None:
+            wanted = budget.to_free(self.nr_conns + self.drain.lingering)
+            if wanted:
+                self._free_descriptors(wanted)
+
+    def _free_descriptors(self, wanted: int) -> int:
+        """Idle keep-alive connections with nothing at stake first (nothing unread, the
+        last response acknowledged: a plain close loses nothing), oldest first, then
+        connections still waiting for their first byte, then the oldest lingering ones."""
+        freed = 0
+        for idle in _compat.idle_connections(self):
+            if freed >= wanted:
+                break
+            fd = idle.sock.fileno()
+            if fd < 0 or bytes_at_stake(unread_bytes(fd), unacked_bytes(fd), fin_sent=False):
+                continue  # its next request is arriving: not ours to drop
+            _compat.forget_idle(self, idle)
+            try:
+                idle.sock.close()
+            except OSError:
+                pass
+            freed += 1
+        return freed + self.drain.evict(wanted - freed)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         # gthread's loop re-enables accepting on every turn; hold off until the pause ends.

@@ -216,9 +216,9 @@ def refusal(found: list[str]) -> str:
 #     protocol's place in it.
 # P4. timeout_keep_alive_task / timeout_keep_alive / timeout_keep_alive_handler: the
 #     keep-alive timer, cancelled by every data_received() and armed by
-#     on_response_complete(). Armed means "idle since the last response" (a stop closes
-#     such a connection at once when nothing is at stake), and we re-arm it after an early
-#     response's unread body.
+#     on_response_complete(). Armed means "idle since the last response" (a stop, or a
+#     process short of descriptors, closes such a connection at once when nothing is at
+#     stake), and we re-arm it after an early response's unread body.
 # P5. self.cycle is the request cycle the protocol creates per request (in httptools'
 #     on_headers_complete, in h11's and zttp's handle_events), before the task that runs it
 #     starts; its keep_alive, response_started, response_complete, default_headers (written

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from ..core.keepalive import KeepAlivePolicy
-from ..engines.aio import drain_engine, nothing_at_stake
+from ..engines.aio import DescriptorReclaimer, drain_engine, nothing_at_stake
+from ..engines.sockets import descriptor_budget
 from ..settings import current_settings
 from . import _compat, lifecycle
 
@@ -45,16 +46,23 @@ class _Process:
 
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
+    reclaimer: DescriptorReclaimer | None = None  # issue 20: None when RLIMIT_NOFILE is unknown
 
 
-def _start_process(protocol: type) -> KeepAlivePolicy:
+def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
     """The first connection of this process: check uvicorn's protocols, build the policy."""
     found = _compat.protocol_problems()
     if found:
         raise SystemExit(_compat.refusal(found))
     settings = current_settings()
-    lifecycle.first_connection(protocol)  # metrics, the start-up line if not logged yet, the stop watch
+    lifecycle.first_connection(type(first))  # metrics, the start-up line if not logged yet, the stop watch
     _Process.keepalive_header = settings.keepalive_header
+    budget = descriptor_budget()
+    if budget is not None:
+        connections = first.server_state.connections
+        _Process.reclaimer = DescriptorReclaimer(
+            drain_engine(first.loop), budget, held=connections.__len__,  # lingering ones are in the set too
+            close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
 
@@ -183,7 +191,7 @@ class LingeringCloseMixin(_Base):
     _gc_closing: bool  # a response that ends the connection was decided
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        policy = _Process.policy or _start_process(type(self))
+        policy = _Process.policy or _start_process(self)
         real = cast(asyncio.Transport, transport)
         now = self.loop.time()
         self._gc_transport = real
@@ -195,6 +203,23 @@ class LingeringCloseMixin(_Base):
         self._gc_user_agent = None
         self._gc_closing = False
         super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
+        reclaimer = _Process.reclaimer
+        if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
+            reclaimer.check(self)
+
+    # ---- short of descriptors (issue 20) -------------------------------------------
+
+    def _gc_close_if_idle(self) -> bool:
+        """Close at once if idle between requests (uvicorn's keep-alive timer runs) with
+        nothing at stake: a plain close loses nothing, as nginx drops its reusable
+        connections first. True when closed."""
+        if self._gc_done or self.timeout_keep_alive_task is None or not nothing_at_stake(
+                self._gc_transport):
+            return False
+        self._gc_done = True
+        self._gc_transport.close()
+        super().connection_lost(None)  # uvicorn's bookkeeping, as for any closed connection
+        return True
 
     # ---- the lingering close -------------------------------------------------------
 
@@ -203,6 +228,9 @@ class LingeringCloseMixin(_Base):
         protocol does its connection-lost bookkeeping now (not when the socket closes)."""
         if self._gc_done:
             return
+        reclaimer = _Process.reclaimer
+        if reclaimer is not None:  # once per hand-off: near RLIMIT_NOFILE, free some
+            reclaimer.check(self)
         drain_engine(self.loop).hand_off(self._gc_transport, self.server_state.connections)
         self.connection_lost(None)
 
@@ -224,7 +252,7 @@ class LingeringCloseMixin(_Base):
                     self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def shutdown(self) -> None:
-        drain_engine(self.loop).begin_shutdown(_shutdown_grace(self.config))
+        drain_engine(self.loop).begin_stop(_shutdown_grace(self.config))
         if self._gc_done:
             return
         if (self.cycle is None or self.timeout_keep_alive_task is not None) and nothing_at_stake(
@@ -314,6 +342,18 @@ class LingeringCloseMixin(_Base):
         self._gc_done = True
         self.transport = self._gc_transport
         super().handle_websocket_upgrade(*args)
+
+
+def _close_idle(connections: set[Any], wanted: int, asking: Any) -> int:
+    """Up to `wanted` idle keep-alive connections with nothing at stake, closed at once
+    (the DescriptorReclaimer's first resort); how many."""
+    closed = 0
+    for conn in list(connections):
+        if closed >= wanted:
+            break
+        if conn is not asking and isinstance(conn, LingeringCloseMixin) and conn._gc_close_if_idle():
+            closed += 1
+    return closed
 
 
 _keep_alive_values: dict[tuple[float, int | None], bytes] = {}

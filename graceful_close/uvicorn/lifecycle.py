@@ -79,4 +79,4 @@ def _before_shutdown(server: uvicorn.server.Server) -> None:
         # and half-received ones to the drain engine, and only then awaits: ending what
         # lingers right after that ends those too, as stock closes them at once.
         loop = asyncio.get_running_loop()
-        loop.call_soon(drain_engine(loop).begin_shutdown, 0.0)
+        loop.call_soon(drain_engine(loop).begin_stop, 0.0)
