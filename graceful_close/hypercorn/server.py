@@ -253,7 +253,7 @@ async def worker_serve(app: Any, config: Config, *, sockets: Any = None,
                        shutdown_trigger: Any = None) -> None:
     """hypercorn.asyncio.run.worker_serve, then the lingering connections' end."""
     _compat.check()
-    config.log  # hypercorn's loggers get their handlers here: the line must reach them
+    _ = config.log  # hypercorn's loggers get their handlers here: the line must reach them
     announce(ENTRY, logging.getLogger("hypercorn.error").info)
     metrics.maybe_start_for_worker()
     _policy()
