@@ -26,10 +26,13 @@ from .console import table_console
 from .launch import (
     ASGI_WORKERS,
     GUNICORN_WORKERS,
+    HYPERCORN_CONFIG,
     UVICORN_PROTOCOLS,
     ServerProcess,
     gunicorn_server,
+    hypercorn_server,
     uvicorn_server,
+    waitress_server,
 )
 from .probe import NOT_EXERCISED, PASS, WARN, ProbeConfig, ProbeReport, Verdict, run_probe
 from .scenarios import Target, never_closing, timed_request
@@ -85,11 +88,31 @@ def _uvicorn_process(kind: str, spec: str, env: dict[str, str]) -> ServerProcess
                                 "--timeout-graceful-shutdown", "3"])
 
 
+def _hypercorn_process(kind: str, spec: str, env: dict[str, str]) -> ServerProcess:
+    return hypercorn_server(SAMPLE_ASGI, spec == HYPERCORN_CONFIG, env=env,
+                            args=["--keep-alive", KEEPALIVE_SECONDS, "--graceful-timeout", "3"])
+
+
+def _waitress_process(kind: str, spec: str, env: dict[str, str]) -> ServerProcess:
+    # waitress reads a whole body before the app runs: its own 413 (a small
+    # max_request_body_size) is what answers an upload early. Idle connections close at
+    # channel_timeout, checked every cleanup_interval.
+    return waitress_server(SAMPLE_WSGI, spec == WAITRESS_OURS, env=env,
+                           args=["--max-request-body-size=1024", f"--channel-timeout={KEEPALIVE_SECONDS}",
+                                 "--cleanup-interval=1"])
+
+
+HYPERCORN_KINDS = {"asyncio": ("hypercorn", HYPERCORN_CONFIG)}
+WAITRESS_OURS = "graceful_close.waitress"
+WAITRESS_KINDS = {"wsgi": ("waitress", WAITRESS_OURS)}
+
 # family: (its kinds as {kind: (stock spec, our spec)}, how to launch one kind with a spec).
 FAMILIES: dict[str, tuple[dict[str, tuple[str, str]],
                           Callable[[str, str, dict[str, str]], ServerProcess]]] = {
     "gunicorn": (GUNICORN_WORKERS, _gunicorn_process),
     "uvicorn": (UVICORN_PROTOCOLS, _uvicorn_process),
+    "hypercorn": (HYPERCORN_KINDS, _hypercorn_process),
+    "waitress": (WAITRESS_KINDS, _waitress_process),
 }
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import h11
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
+from hypercorn.events import Closed
 from hypercorn.logging import Logger
 from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H11Protocol
@@ -206,6 +207,23 @@ class GracefulTCPServer(TCPServer):
             await self.idle_task.stop()
             return
         await super()._close()
+
+    async def _initiate_server_close(self) -> None:
+        """hypercorn closes an idle keep-alive connection: at its keep-alive timeout, and
+        every idle one when the worker stops."""
+        if self.context.terminated.is_set():
+            await self._gc_close_idle_at_stop()
+            return
+        # The keep-alive timeout: a lingering close, so that a request the client sends just
+        # then meets our FIN and a clean EOF, not RST.
+        await self.protocol.handle(Closed())
+        if not self._gc_hand_off():
+            self.writer.close()
+
+    async def _gc_close_idle_at_stop(self) -> None:
+        """The stop closes an idle connection as stock does: at once (the stop rule's "nothing
+        at stake"); the place for a drain of idle connections at the stop (issue 16)."""
+        await super()._initiate_server_close()
 
     def _gc_hand_off(self) -> bool:
         """The one hand-off: the drain engine takes the transport of an HTTP/1.1 connection
