@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -189,3 +190,15 @@ def test_refusals_are_one_line(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0 and len(lines) == 1 and "trio worker is not supported" in lines[0], lines
+
+
+def test_recipe_config_file(start_server) -> None:
+    """integrations/hypercorn_conf.py, started as documented (in integrations/): our settings
+    in the start-up line, and the Starlette app's early 413 whole with FIN."""
+    integrations = Path(__file__).resolve().parent.parent / "integrations"
+    plain = hypercorn_server("starlette_app:app", False, args=["-c", "file:hypercorn_conf.py"])
+    server = start_server(ServerProcess(plain.argv, plain.env, cwd=str(integrations)))
+    result = early_response_upload(Target("127.0.0.1", server.port), "/upload", 8 << 20, timeout=20)
+    assert result.intact and result.ending == "FIN" and result.responses[0].status == 413
+    assert "graceful-close: hypercorn" in server.log_text()
+    assert "keepalive_requests=100" in server.log_text()

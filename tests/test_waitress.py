@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from graceful_close.diagnostics.launch import ServerProcess, waitress_server
 from graceful_close.diagnostics.scenarios import (
@@ -150,3 +151,14 @@ def test_incompatible_waitress_is_refused_with_one_line() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     lines = [line for line in done.stderr.splitlines() if "graceful-close: waitress" in line]
     assert done.returncode != 0 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_recipe_waitress_serve(start_server) -> None:
+    """integrations/waitress_serve.py, started as documented: our settings in the start-up
+    line, and waitress's own 413 (its limit, 1 MB) to an 8 MB upload whole with FIN."""
+    recipe = Path(__file__).resolve().parent.parent / "integrations" / "waitress_serve.py"
+    server = start_server(ServerProcess([sys.executable, str(recipe), "127.0.0.1:0"]))
+    result = early_response_upload(Target("127.0.0.1", server.port), "/upload", 8 << 20, timeout=20)
+    assert result.intact and result.ending == "FIN" and result.responses[0].status == 413
+    assert "graceful-close: graceful_close.waitress.serve" in server.log_text()
+    assert "keepalive_requests=100" in server.log_text()

@@ -272,7 +272,7 @@ async def worker_serve(app: Any, config: Config, *, sockets: Any = None,
     """hypercorn.asyncio.run.worker_serve, then the lingering connections' end."""
     _compat.check()
     _ = config.log  # hypercorn's loggers get their handlers here: the line must reach them
-    announce(ENTRY, logging.getLogger("hypercorn.error").info)
+    announce(f"{ENTRY} ({config.worker_class} worker)", logging.getLogger("hypercorn.error").info)
     metrics.maybe_start_for_worker()
     _policy()
     loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ log = logging.getLogger("waitress")
 def create_server(application: Any, map: dict[int, Any] | None = None, **kw: Any) -> Any:
     """waitress.create_server(app, **adjustments) whose connections close lingering."""
     _compat.check()
+    announce("graceful_close.waitress.create_server", log.info)  # once per process
     if map is None:
         map = {}
     server = waitress.server.create_server(application, map=map, **kw)
@@ -49,10 +50,14 @@ def _stop(signum: int, frame: Any) -> None:
 def serve(app: Any, **kw: Any) -> None:
     """waitress.serve(app, **adjustments) with our channel: logs like waitress-serve, stops on
     SIGTERM as on Ctrl-C (stock waitress dies on SIGTERM without running any code)."""
+    _serve(app, "graceful_close.waitress.serve", **kw)
+
+
+def _serve(app: Any, where: str, **kw: Any) -> None:
     logging.basicConfig()
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
-    announce("python -m graceful_close.waitress", log.info)
+    announce(where, log.info)
     metrics.maybe_start_for_worker()
     server = create_server(app, **kw)
     server.print_listen("Serving on http://{}:{}")
@@ -66,4 +71,7 @@ def serve(app: Any, **kw: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m graceful_close.waitress: waitress-serve's options and arguments."""
-    return _compat.run_cli(sys.argv if argv is None else argv, serve)
+    def serve_from_cli(app: Any, **kw: Any) -> None:
+        _serve(app, "python -m graceful_close.waitress", **kw)
+
+    return _compat.run_cli(sys.argv if argv is None else argv, serve_from_cli)
