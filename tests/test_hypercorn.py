@@ -35,17 +35,8 @@ from tests.helpers import (
     fd_count,
     trusting,
     wait_until,
+    worker_pid,
 )
-
-
-def _worker(server: ServerProcess) -> int:
-    """hypercorn's worker: the child it spawned (not multiprocessing's resource tracker)."""
-    import psutil
-
-    for child in psutil.Process(server.pid).children():
-        if "spawn_main" in " ".join(child.cmdline()):
-            return child.pid
-    return server.pid
 
 
 def _start(start_server, ours: bool, args: list[str] = (), env: dict[str, str] | None = None,
@@ -146,7 +137,7 @@ def test_no_descriptor_leaks(start_server) -> None:
     """After pipelined closes, early 413s and resets mid-upload, the worker's descriptors go
     back to where they were once the lingering connections end."""
     server = _start(start_server, True, env={"GRACEFUL_CLOSE_LINGER_TIMEOUT": "0.5"})
-    worker = _worker(server)
+    worker = worker_pid(server.pid)  # the worker hypercorn spawned
     target = Target("127.0.0.1", server.port)
     pipelined_after_close(target, "/big?close=1&size=200000", timeout=10)
     before = fd_count(worker)

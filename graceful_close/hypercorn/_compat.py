@@ -172,3 +172,11 @@ def run(config: Any) -> int:
 
     result: int = stock(config)
     return result
+
+
+def statsd_logger_class() -> Any:
+    """H5. hypercorn.asyncio.statsd.StatsdLogger: what worker_serve sets first, as the logger
+    class when statsd_host is set and the logger class is hypercorn's own."""
+    from hypercorn.asyncio.statsd import StatsdLogger
+
+    return StatsdLogger

@@ -271,6 +271,11 @@ async def worker_serve(app: Any, config: Config, *, sockets: Any = None,
                        shutdown_trigger: Any = None) -> None:
     """hypercorn.asyncio.run.worker_serve, then the lingering connections' end."""
     _compat.check()
+    if config.logger_class is GracefulLogger:
+        # Its work (importing this module in a spawned worker, the trio check) is done: back to
+        # hypercorn's own class, which hypercorn's statsd logger replaces when statsd_host is set.
+        config.logger_class = Logger
+    config.set_statsd_logger_class(_compat.statsd_logger_class())  # what stock does first
     _ = config.log  # hypercorn's loggers get their handlers here: the line must reach them
     announce(f"{ENTRY} ({config.worker_class} worker)", logging.getLogger("hypercorn.error").info)
     metrics.maybe_start_for_worker()
