@@ -193,3 +193,48 @@ def test_recipe_config_file(start_server) -> None:
     assert result.intact and result.ending == "FIN" and result.responses[0].status == 413
     assert "graceful-close: hypercorn" in server.log_text()
     assert "keepalive_requests=100" in server.log_text()
+
+
+SLOW_APP = "tests.uvicorn_apps:app"  # the sample app plus /slow and a websocket echo
+
+
+def test_stop_answers_in_flight_requests_with_connection_close(start_server) -> None:
+    """A request in flight when the worker stops: both answer it and close; ours says so
+    (Connection: close), stock closes without saying it."""
+    for ours in (False, True):
+        plain = hypercorn_server(SLOW_APP, ours, args=["--graceful-timeout", "5"])
+        server = start_server(plain)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)
+            server.signal(signal.SIGTERM)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 200"), data[:200]
+        assert (b"connection: close" in head) == ours, head
+        assert server.wait(20) is not None
+
+
+def test_uvloop_worker_with_two_spawned_workers(start_server) -> None:
+    """-k uvloop --workers 2: every spawned worker imports our config module by itself."""
+    plain = hypercorn_server(SAMPLE_ASGI, True, args=["-k", "uvloop", "--workers", "2"])
+    server = start_server(plain)
+    target = Target("127.0.0.1", server.port)
+    results = [pipelined_after_close(target, "/big?close=1&size=2000000", timeout=20) for _ in range(4)]
+    assert all(r.intact and r.ending == "FIN" for r in results), [(r.body_bytes, r.ending) for r in results]
+    assert server.log_text().count("graceful-close: hypercorn") == 2  # one line per worker
+
+
+def test_websocket_as_stock(start_server) -> None:
+    """A websocket on hypercorn's h11 path: the same echo and close as stock."""
+    from websockets.sync.client import connect
+
+    echoed = {}
+    for ours in (False, True):
+        server = start_server(hypercorn_server(SLOW_APP, ours))
+        with connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=10) as ws:
+            ws.send("hi")
+            echoed[ours] = ws.recv(timeout=10)
+    assert echoed[True] == echoed[False] == "echo:hi"
