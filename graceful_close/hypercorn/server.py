@@ -42,7 +42,6 @@ from . import _compat
 ENTRY = "hypercorn -c python:graceful_close.hypercorn"
 CLOSE = (b"connection", b"close")
 _NO_CAP = 2**62
-log = logging.getLogger("graceful_close")
 
 
 class _Process:
