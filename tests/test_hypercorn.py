@@ -181,6 +181,12 @@ def test_refusals_are_one_line(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0 and len(lines) == 1 and "trio worker is not supported" in lines[0], lines
+    # From the command line: refused in hypercorn's own process, before it spawns a worker.
+    done = subprocess.run([sys.executable, "-m", "hypercorn", "-k", "trio", "-b", "127.0.0.1:0", "-c",
+                           "python:graceful_close.hypercorn", SAMPLE_ASGI],
+                          capture_output=True, text=True, timeout=60)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0 and len(lines) == 1 and "trio worker is not supported" in lines[0], lines
 
 
 def test_recipe_config_file(start_server) -> None:

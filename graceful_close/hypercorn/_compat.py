@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -180,3 +182,24 @@ def statsd_logger_class() -> Any:
     from hypercorn.asyncio.statsd import StatsdLogger
 
     return StatsdLogger
+
+
+def guard_cli(check: Callable[[Any], None]) -> None:
+    """H6. The hypercorn command (hypercorn.__main__.main, or `python -m hypercorn`, where it is
+    __main__) loads the config, our module among it, then sets the worker class from its
+    options and calls the module-level name `run`: wrapping it lets `check(config)` refuse a
+    worker class in hypercorn's own process, before it spawns a worker."""
+    import hypercorn.run
+
+    stock = hypercorn.run.run
+    for name in ("hypercorn.__main__", "__main__"):
+        module = sys.modules.get(name)
+        if module is None or getattr(module, "run", None) is not stock \
+                or not hasattr(module, "_load_config"):
+            continue
+
+        def checked_run(config: Any) -> int:
+            check(config)
+            return stock(config)
+
+        module.run = checked_run  # type: ignore[attr-defined]

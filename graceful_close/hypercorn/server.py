@@ -298,6 +298,7 @@ def install() -> None:
     """Make hypercorn's asyncio worker build our connections, in this process."""
     _compat.check()
     _compat.install(GracefulTCPServer, worker_serve, GracefulH11Protocol)
+    _compat.guard_cli(refuse_other_workers)
 
 
 async def serve(app: Any, config: Config, *, shutdown_trigger: Any = None,
