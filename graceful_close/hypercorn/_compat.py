@@ -203,3 +203,11 @@ def guard_cli(check: Callable[[Any], None]) -> None:
             return stock(config)
 
         module.run = checked_run  # type: ignore[attr-defined]
+
+
+def idle_timer_running(tcp_server: Any) -> bool:
+    """T3. TCPServer.idle_task (hypercorn's AsyncioSingleTask) holds its keep-alive timer in
+    _handle while the connection is idle between requests (restarted on Updated(idle=True),
+    stopped on Updated(idle=False))."""
+    handle = getattr(getattr(tcp_server, "idle_task", None), "_handle", None)
+    return handle is not None and not handle.done()

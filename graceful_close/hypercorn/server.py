@@ -35,7 +35,14 @@ from hypercorn.protocol.h11 import H11Protocol
 
 from .. import metrics
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
-from ..engines.aio import SHUTDOWN_FORCE_GRACE, AsyncioDrainEngine, drain_engine
+from ..engines.aio import (
+    SHUTDOWN_FORCE_GRACE,
+    AsyncioDrainEngine,
+    DescriptorReclaimer,
+    drain_engine,
+    nothing_at_stake,
+)
+from ..engines.sockets import descriptor_budget
 from ..settings import announce, current_settings
 from . import _compat
 
@@ -49,6 +56,41 @@ class _Process:
 
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
+    # Issue 20: the open connections, and what keeps them within RLIMIT_NOFILE (None when
+    # the limit is unknown), built at the first connection, once the listeners are open.
+    connections: set[GracefulTCPServer] = set()
+    reclaimer: DescriptorReclaimer | None = None
+    reclaimer_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _reclaimer(loop: asyncio.AbstractEventLoop) -> DescriptorReclaimer | None:
+    if _Process.reclaimer_loop is not loop:
+        _Process.reclaimer_loop = loop
+        budget = descriptor_budget()
+        engine = drain_engine(loop)
+        _Process.reclaimer = None if budget is None else DescriptorReclaimer(
+            engine, budget, held=lambda: len(_Process.connections) + engine.lingering,
+            close_idle=_close_idle)
+    return _Process.reclaimer
+
+
+def _close_idle(wanted: int, asking: Any) -> int:
+    """Near RLIMIT_NOFILE: close idle keep-alive connections (between requests, hypercorn's
+    keep-alive timer running) with nothing at stake, as nginx reuses its idle connections
+    first; a plain close loses nothing there. How many were closed."""
+    closed = 0
+    for server in list(_Process.connections):
+        if closed >= wanted:
+            break
+        if server is asking or server._gc_handed_off or not _compat.idle_timer_running(server):
+            continue
+        transport = server.writer.transport
+        if transport.is_closing() or not nothing_at_stake(transport):
+            continue
+        transport.close()  # its reader sees the end, and hypercorn ends the connection
+        _Process.connections.discard(server)
+        closed += 1
+    return closed
 
 
 def _policy() -> KeepAlivePolicy:
@@ -199,7 +241,14 @@ class GracefulTCPServer(TCPServer):
         if context not in _watched:  # the first connection of this worker: watch its stop
             _watched.add(context)
             _stop_watches.add(self.loop.create_task(_gc_watch_stop(self.loop, self.config, context)))
-        await super().run()
+        _Process.connections.add(self)
+        reclaimer = _reclaimer(self.loop)
+        if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
+            reclaimer.check(self)
+        try:
+            await super().run()
+        finally:
+            _Process.connections.discard(self)
 
     async def _close(self) -> None:
         if self._gc_handed_off or self._gc_hand_off():
@@ -238,6 +287,10 @@ class GracefulTCPServer(TCPServer):
             return False
         stream_protocol = transport.get_protocol()
         self._gc_handed_off = True
+        _Process.connections.discard(self)  # from now on the engine counts it
+        reclaimer = _reclaimer(self.loop)
+        if reclaimer is not None:  # once per hand-off: near RLIMIT_NOFILE, free some
+            reclaimer.check(self)
         drain_engine(self.loop).hand_off(transport)  # type: ignore[arg-type]
         _compat.detach_writer(writer)
         stream_protocol.connection_lost(None)  # A2: EOF to the reader, drain() waiters woken
