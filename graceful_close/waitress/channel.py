@@ -120,6 +120,19 @@ class GracefulChannel(HTTPChannel):
         self._gc_accepted = now
         self._gc_age_deadline = now + keep_alive.max_age if keep_alive.max_age else float("inf")
         self._gc_user_agent: str | None = None  # set only when its rules may close
+        budget = getattr(server, "_gc_budget", None)
+        if budget is not None:  # once per connection: near RLIMIT_NOFILE, free some
+            self._gc_make_room(budget)
+
+    def _gc_make_room(self, budget: Any) -> None:
+        """Issue 20: lingering sockets hold descriptors a stock server would have freed; near
+        the limit the oldest end first, so that new clients are still accepted. The socket map
+        holds waitress's channels, listeners and trigger."""
+        engine: PollDrainEngine | None = getattr(self.server, "_gc_engine", None)
+        if engine is not None and engine.lingering:
+            wanted = budget.to_free(len(self._map) + engine.lingering)
+            if wanted:
+                engine.evict(wanted)
 
     def _gc_first_request(self, request: Any) -> None:
         """The User-Agent rule, once per connection, on its first request: only a connection

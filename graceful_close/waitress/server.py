@@ -11,6 +11,7 @@ import waitress.server
 
 from .. import metrics
 from ..engines.poll import PollDrainEngine
+from ..engines.sockets import descriptor_budget
 from ..settings import announce, current_settings
 from . import _compat
 from .channel import GracefulChannel, LingerDispatcher
@@ -24,11 +25,17 @@ def create_server(application: Any, map: dict[int, Any] | None = None, **kw: Any
     announce("graceful_close.waitress.create_server", log.info)  # once per process
     if map is None:
         map = {}
+    # poll(), not select(), unless asked: lingering sockets hold descriptors a stock server
+    # would have closed, and select() fails on any descriptor above 1023, which would end
+    # waitress's loop.
+    kw.setdefault("asyncore_use_poll", True)
     server = waitress.server.create_server(application, map=map, **kw)
     engine = PollDrainEngine(current_settings())
+    budget = descriptor_budget()  # issue 20: None when RLIMIT_NOFILE is unknown
     for each in _compat.servers_in(server):
         each.channel_class = GracefulChannel
         each._gc_engine = engine
+        each._gc_budget = budget
     LingerDispatcher(engine, map)
     server._gc_engine = engine
     return server
