@@ -162,3 +162,25 @@ def test_recipe_waitress_serve(start_server) -> None:
     assert result.intact and result.ending == "FIN" and result.responses[0].status == 413
     assert "graceful-close: graceful_close.waitress.serve" in server.log_text()
     assert "keepalive_requests=100" in server.log_text()
+
+
+def test_more_than_1024_lingering_sockets_keep_the_loop_alive(start_server) -> None:
+    """1,100 clients read their answer and never close: ours lingers on every one, so the
+    server holds descriptors above 1023, where waitress's default select() would fail and end
+    its loop (measured with --no-asyncore-use-poll: "filedescriptor out of range in select()"
+    at the 1,016th client). Ours runs waitress on poll() unless asked: a new client is still
+    answered."""
+    server = start_server(waitress_server(SAMPLE_WSGI, True))
+    held = []
+    try:
+        for _ in range(1100):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        assert fd_count(server.pid) > 1100
+        responses, _ = exchange_on_one_connection(server.port, [{}])
+        assert responses and responses[0].status == 200
+    finally:
+        for sock in held:
+            sock.close()
