@@ -14,7 +14,8 @@ CLOSE_TARGET = 0.90
 HOL_FACTOR = 2.0
 # RSS per lingering socket (issue 9): the uvicorn-based servers keep only a small drain
 # protocol per socket, gthread only its socket; the other workers have no memory target.
-RSS_TARGET_KIB = {"h11": 2.0, "httptools": 2.0, "uvicorn-worker": 2.0, "zttp": 2.0, "gthread": 1.0}
+RSS_TARGET_KIB = {"h11": 2.0, "httptools": 2.0, "uvicorn-worker": 2.0, "zttp": 2.0, "gthread": 1.0,
+                  "hypercorn": 2.0, "waitress": 1.0}  # hypercorn: the asyncio drain; waitress: poll
 NOTES = Path(__file__).with_name("notes.md")
 CHART = "hol_p99.png"
 RATIO_CHART = "throughput_ratio.png"

@@ -28,7 +28,8 @@ def _wait_stable(read, limit: float, quiet: float = 1.0) -> None:
 
 
 # Keep-alive timeouts long enough for a stock server to hold every idle client.
-LONG_KEEPALIVE = {"gunicorn": ("--keep-alive", "900"), "uvicorn": ("--timeout-keep-alive", "900")}
+LONG_KEEPALIVE = {"gunicorn": ("--keep-alive", "900"), "uvicorn": ("--timeout-keep-alive", "900"),
+                  "hypercorn": ("--keep-alive", "900"), "waitress": ("--channel-timeout=900",)}
 
 
 def measure_rss(target: BenchTarget, plan: Plan, log=print, idle_stock: bool = False) -> dict:

@@ -20,22 +20,29 @@ GTHREAD_THREADS = "4"
 class BenchTarget:
     key: str    # short name from launch.GUNICORN_WORKERS / launch.UVICORN_PROTOCOLS
     label: str  # how the report names it
-    server: str  # "gunicorn" or "uvicorn"
+    server: str  # "gunicorn", "uvicorn", "hypercorn" or "waitress"
 
     def implementation(self, variant: str) -> str:
-        table = launch.GUNICORN_WORKERS if self.server == "gunicorn" else launch.UVICORN_PROTOCOLS
+        table = {"gunicorn": launch.GUNICORN_WORKERS, "uvicorn": launch.UVICORN_PROTOCOLS,
+                 "hypercorn": OTHER_SERVERS, "waitress": OTHER_SERVERS}[self.server]
         stock, ours = table[self.key]
         return stock if variant == "stock" else ours
 
     def missing(self) -> str | None:
         """Why our variant cannot run (its class does not import), or None."""
-        return launch.import_problem(self.implementation("graceful"))
+        return launch.import_problem(IMPORTED.get(self.key, self.implementation("graceful")))
 
     def make(self, variant: str, env: dict[str, str] | None = None, loop: str = "uvloop",
              extra_args: tuple[str, ...] = ()) -> launch.ServerProcess:
         """A ServerProcess (not started) with one worker process."""
         impl = self.implementation(variant)
         env = dict(env or {}) if variant == "graceful" else {}
+        if self.server == "hypercorn":  # the asyncio worker, or uvloop's
+            return launch.hypercorn_server(ASGI_APP, variant == "graceful", env=env,
+                                           args=["-k", loop, *extra_args])
+        if self.server == "waitress":  # poll(), not select(): thousands of sockets (the RSS item)
+            return launch.waitress_server(WSGI_APP, variant == "graceful", env=env,
+                                          args=["--asyncore-use-poll", *extra_args])
         if self.server == "uvicorn":
             return launch.uvicorn_server(ASGI_APP, impl, loop=loop, args=extra_args, env=env)
         args: list[str] = list(extra_args)
@@ -44,6 +51,12 @@ class BenchTarget:
         app = ASGI_APP if self.key in launch.ASGI_WORKERS else WSGI_APP
         return launch.gunicorn_server(app, impl, args=args, env=env, workers=1)
 
+
+# hypercorn and waitress: (stock, ours) as the README's table names them.
+OTHER_SERVERS = {"hypercorn": ("hypercorn", launch.HYPERCORN_CONFIG),
+                 "waitress": ("waitress-serve", "python -m graceful_close.waitress")}
+IMPORTED = {"hypercorn": "graceful_close.hypercorn.logger_class",  # what missing() imports
+            "waitress": "graceful_close.waitress.GracefulChannel"}
 
 TARGETS = {
     "sync": BenchTarget("sync", "gunicorn sync", "gunicorn"),
@@ -54,4 +67,6 @@ TARGETS = {
     "asgi": BenchTarget("asgi", "gunicorn asgi (gasgi)", "gunicorn"),
     "gevent": BenchTarget("gevent", "gunicorn gevent", "gunicorn"),
     "zttp": BenchTarget("zttp", "uvicorn zttp", "uvicorn"),
+    "hypercorn": BenchTarget("hypercorn", "hypercorn (h11)", "hypercorn"),
+    "waitress": BenchTarget("waitress", "waitress", "waitress"),
 }

@@ -31,7 +31,7 @@ def test_demo_runs_every_server_and_ours_pass() -> None:
     assert elapsed < 120
     assert not result.errors, [(r.server.label, r.error) for r in result.errors]
     rows = {row.server.label: row for row in result.rows}
-    assert len(rows) == 16
+    assert len(rows) == 20
     for label, row in rows.items():
         statuses = {v.scenario: v.status for v in row.report.verdicts}
         if row.server.graceful:
@@ -43,7 +43,7 @@ def test_demo_runs_every_server_and_ours_pass() -> None:
             assert row.worst_stall < 1.0, label
         else:
             expect_stock_failure("fail" in statuses.values(), f"{label}: {statuses}")
-    for kind in ("uvicorn-worker", "h11", "httptools", "zttp", "asgi", "gevent"):
+    for kind in ("uvicorn-worker", "h11", "httptools", "zttp", "asgi", "gevent", "asyncio", "wsgi"):
         stock = next(r for r in result.rows if r.server.kind == kind and not r.server.graceful)
         expect_stock_failure(stock.verdict("close-pipeline").status == "fail",
                              f"{stock.server.label} close-pipeline")

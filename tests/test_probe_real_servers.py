@@ -250,8 +250,8 @@ def test_hypercorn_resets_in_flight_requests_and_early_answers() -> None:
     assert raw.body_bytes < 1_000_000 and raw.ending == "RST"
     assert found["drain"]["status"] == "fail" and found["drain"]["finding"] == "never-lingers"
     assert found["idle"]["status"] == "warn", found["idle"]
-    # A server graceful-close does not support (yet): the cure in general terms.
-    assert "a lingering close cures it" in upload["hint"] and "graceful_close" not in upload["hint"]
+    # graceful-close supports hypercorn: the hint names our config module.
+    assert "hypercorn -c python:graceful_close.hypercorn" in upload["hint"], upload["hint"]
 
 
 def test_waitress_small_body_limit_resets_its_413() -> None:
@@ -284,3 +284,31 @@ def test_waitress_small_body_limit_resets_its_413() -> None:
     assert raw.responses and raw.responses[0].status == 413 and raw.ending == "RST"
     assert found["drain"]["status"] == "fail"
     assert found["idle"]["status"] == "not-exercised"
+
+
+OURS = {
+    "hypercorn": ([sys.executable, "-m", "hypercorn", "-b", "127.0.0.1:{port}", "-c",
+                   "python:graceful_close.hypercorn", "--keep-alive", "1", SAMPLE_ASGI],
+                  ("--close-path", SAMPLE_CLOSE)),
+    "waitress": ([sys.executable, "-m", "graceful_close.waitress", "--listen=127.0.0.1:{port}",
+                  "--max-request-body-size=1024", "--channel-timeout=1", "--cleanup-interval=1",
+                  SAMPLE_WSGI], ("--big-path", SAMPLE_BIG)),
+}
+
+
+@pytest.mark.parametrize("server", sorted(OURS))
+def test_ours_pass_every_scenario(server: str) -> None:
+    """hypercorn with our config module and waitress with our channel: PASS on every scenario
+    where stock fails close-pipeline, upload and drain (the tests above) and warns at idle."""
+    argv, close = OURS[server]
+    with PythonServer(argv) as running:
+        url = f"http://127.0.0.1:{running.port}/"
+        status, report, stderr = probe(url, *close, "--upload-path", SAMPLE_UPLOAD,
+                                       "--idle-max", "3", *QUICK)
+        raw = raw_sample_upload(running.port)
+    found = verdicts(report)
+    assert {name: v["status"] for name, v in found.items()} == dict.fromkeys(found, "pass"), (
+        stderr, {name: v["status"] for name, v in found.items()})
+    assert set(found) == {"pipeline", "close-pipeline", "idle", "upload", "drain"}
+    assert status == 0
+    assert raw.responses and raw.responses[0].status == 413 and raw.ending == "FIN"

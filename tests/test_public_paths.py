@@ -22,6 +22,12 @@ PUBLIC = [  # as the README and the command lines spell them
     "graceful_close.gunicorn_hooks.on_starting",
     "graceful_close.uvicorn_worker.UvicornWorker",
     "graceful_close.settings.configure",
+    "graceful_close.hypercorn.logger_class",  # hypercorn -c python:graceful_close.hypercorn
+    "graceful_close.hypercorn.serve",
+    "graceful_close.hypercorn.run",
+    "graceful_close.waitress.serve",
+    "graceful_close.waitress.create_server",
+    "graceful_close.waitress.GracefulChannel",
 ]
 TOOLING = ("rich", "psutil", "prometheus_client", "matplotlib", "graceful_close.diagnostics")
 

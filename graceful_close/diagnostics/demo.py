@@ -26,10 +26,13 @@ from .console import table_console
 from .launch import (
     ASGI_WORKERS,
     GUNICORN_WORKERS,
+    HYPERCORN_CONFIG,
     UVICORN_PROTOCOLS,
     ServerProcess,
     gunicorn_server,
+    hypercorn_server,
     uvicorn_server,
+    waitress_server,
 )
 from .probe import NOT_EXERCISED, PASS, WARN, ProbeConfig, ProbeReport, Verdict, run_probe
 from .scenarios import Target, never_closing, timed_request
@@ -85,11 +88,36 @@ def _uvicorn_process(kind: str, spec: str, env: dict[str, str]) -> ServerProcess
                                 "--timeout-graceful-shutdown", "3"])
 
 
+def _hypercorn_process(kind: str, spec: str, env: dict[str, str]) -> ServerProcess:
+    return hypercorn_server(SAMPLE_ASGI, spec == HYPERCORN_CONFIG, env=env,
+                            args=["--keep-alive", KEEPALIVE_SECONDS, "--graceful-timeout", "3"])
+
+
+def _waitress_process(kind: str, spec: str, env: dict[str, str]) -> ServerProcess:
+    # waitress reads a whole body before the app runs: its own 413 (a small
+    # max_request_body_size) is what answers an upload early. Idle connections close at
+    # channel_timeout, checked every cleanup_interval.
+    return waitress_server(SAMPLE_WSGI, spec == WAITRESS_OURS, env=env,
+                           args=["--max-request-body-size=1024", f"--channel-timeout={KEEPALIVE_SECONDS}",
+                                 "--cleanup-interval=1"])
+
+
+# The close-pipeline request of one family (default: an HTTP/1.0 GET of BIG_PATH). hypercorn's
+# h11 answers an HTTP/1.0 GET with requests in the same write 400 (stock and ours alike): there
+# the app's own Connection: close on an HTTP/1.1 GET is used, as its probe tests do.
+CLOSE_PATHS: dict[str, str] = {"hypercorn": BIG_PATH}
+
+HYPERCORN_KINDS = {"asyncio": ("hypercorn", HYPERCORN_CONFIG)}
+WAITRESS_OURS = "graceful_close.waitress"
+WAITRESS_KINDS = {"wsgi": ("waitress", WAITRESS_OURS)}
+
 # family: (its kinds as {kind: (stock spec, our spec)}, how to launch one kind with a spec).
 FAMILIES: dict[str, tuple[dict[str, tuple[str, str]],
                           Callable[[str, str, dict[str, str]], ServerProcess]]] = {
     "gunicorn": (GUNICORN_WORKERS, _gunicorn_process),
     "uvicorn": (UVICORN_PROTOCOLS, _uvicorn_process),
+    "hypercorn": (HYPERCORN_KINDS, _hypercorn_process),
+    "waitress": (WAITRESS_KINDS, _waitress_process),
 }
 
 
@@ -227,7 +255,8 @@ def run_one(server: DemoServer) -> DemoRow:
         url = f"http://127.0.0.1:{proc.port}/"
         row.report = run_probe(ProbeConfig(url=url, big_path=BIG_PATH, upload_path=UPLOAD_PATH,
                                            upload_size=UPLOAD_SIZE, idle_max=5.0,
-                                           drain_time=DRAIN_WINDOW, timeout=10.0))
+                                           drain_time=DRAIN_WINDOW, timeout=10.0,
+                                           close_path=CLOSE_PATHS.get(server.family)))
         row.worst_stall, row.normal_requests = worst_stall(proc.port)
     except Exception as exc:
         row.error = _reason(exc)

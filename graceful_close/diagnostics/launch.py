@@ -1,4 +1,4 @@
-"""Start real gunicorn/uvicorn processes on 127.0.0.1 with an ephemeral port.
+"""Start real gunicorn/uvicorn/hypercorn/waitress processes on 127.0.0.1 with an ephemeral port.
 
 Used by the demo, the tests and the benchmarks. The server binds port 0 and we
 read the port it got from its own startup log line.
@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 from .processes import answers_http, wait_until
 
-_PORT_LINE = re.compile(rb"(?:Listening at: |Uvicorn running on )https?://127\.0\.0\.1:(\d+)")
+# gunicorn, uvicorn, hypercorn ("Running on"), waitress ("Serving on").
+_PORT_LINE = re.compile(rb"(?:Listening at: |Uvicorn running on |Running on |Serving on )"
+                        rb"https?://127\.0\.0\.1:(\d+)")
 
 # Worker classes by short name: stock gunicorn's and ours.
 GUNICORN_WORKERS = {
@@ -138,4 +140,24 @@ def uvicorn_server(app: str, http: str, loop: str = "asyncio", args: Sequence[st
                    env: dict[str, str] | None = None) -> ServerProcess:
     argv = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "0",
             "--http", http, "--loop", loop, "--no-access-log", *args, app]
+    return ServerProcess(argv, env or {})
+
+
+# hypercorn: stock, and ours through its config module.
+HYPERCORN_CONFIG = "python:graceful_close.hypercorn"
+
+
+def hypercorn_server(app: str, ours: bool, args: Sequence[str] = (),
+                     env: dict[str, str] | None = None) -> ServerProcess:
+    """hypercorn's default asyncio worker (one, spawned by hypercorn's parent process)."""
+    argv = [sys.executable, "-m", "hypercorn", "-b", "127.0.0.1:0",
+            *(["-c", HYPERCORN_CONFIG] if ours else []), *args, app]
+    return ServerProcess(argv, env or {})
+
+
+def waitress_server(app: str, ours: bool, args: Sequence[str] = (),
+                    env: dict[str, str] | None = None) -> ServerProcess:
+    """waitress-serve, or ours (python -m graceful_close.waitress, the same options)."""
+    module = "graceful_close.waitress" if ours else "waitress"
+    argv = [sys.executable, "-m", module, "--listen=127.0.0.1:0", *args, app]
     return ServerProcess(argv, env or {})

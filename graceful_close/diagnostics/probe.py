@@ -259,6 +259,10 @@ OUR_CLASSES = {
                 "ASGIWorker, GeventWorker, UvicornWorker: see the README's table)",
     "uvicorn": "graceful-close supports uvicorn: --http graceful_close.uvicorn:AutoHTTPProtocol "
                "(or -k graceful_close.gunicorn.UvicornWorker under gunicorn)",
+    "hypercorn": "graceful-close supports hypercorn: hypercorn -c python:graceful_close.hypercorn "
+                 "module:app (or graceful_close.hypercorn.serve in place of hypercorn.asyncio.serve)",
+    "waitress": "graceful-close supports waitress: python -m graceful_close.waitress module:app "
+                "(waitress-serve's options), or graceful_close.waitress.serve / create_server",
 }
 CAUSES = {  # finding -> what the server does that causes it
     "no-linger": "the server closes the connection with our pipelined requests unread (a "

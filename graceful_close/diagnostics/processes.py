@@ -46,10 +46,20 @@ def wait_answering(port: int, timeout: float, tls: ssl.SSLContext | None = None)
 
 
 def worker_pids(server_pid: int) -> list[int]:
-    """gunicorn's workers (children of the arbiter), or the uvicorn process itself."""
+    """gunicorn's workers (children of the arbiter), hypercorn's (spawned by its parent), or
+    the uvicorn or waitress process itself. multiprocessing's resource tracker, which
+    hypercorn's parent starts too, is not a worker."""
     import psutil  # diagnostics extra; imported here so launching a server needs none
 
-    return [child.pid for child in psutil.Process(server_pid).children()] or [server_pid]
+    workers = []
+    for child in psutil.Process(server_pid).children():
+        try:
+            if "resource_tracker" in " ".join(child.cmdline()):
+                continue
+        except psutil.Error:
+            continue
+        workers.append(child.pid)
+    return workers or [server_pid]
 
 
 def worker_pid(server_pid: int) -> int:

@@ -18,7 +18,7 @@ from ..core.counters import PROCESS_COUNTERS, Counters
 
 METRICS_DIR_ENV = "GRACEFUL_CLOSE_METRICS_DIR"
 SNAPSHOT_INTERVAL = 1.0
-SERVER_LOGGERS = ("gunicorn.error", "uvicorn.error")
+SERVER_LOGGERS = ("gunicorn.error", "uvicorn.error", "hypercorn.error", "waitress")
 
 log = logging.getLogger("graceful_close")
 _started_in_pid: int | None = None
