@@ -113,7 +113,7 @@ class LingeringConnection(asyncio.Protocol):
         count_unread=False: only what we sent counts."""
         if self.transport.get_write_buffer_size() > 0:
             return True
-        fd = _fileno(self.transport)
+        fd = fileno(self.transport)
         # TLS: no half-close, so no FIN of ours in the count.
         return fd is None or bytes_at_stake(unread_bytes(fd) if count_unread else 0,
                                             unacked_bytes(fd), fin_sent=not self.tls)
@@ -121,7 +121,7 @@ class LingeringConnection(asyncio.Protocol):
     def _safe_to_abort(self) -> bool:
         if self.transport.get_write_buffer_size() > 0:
             return False
-        fd = _fileno(self.transport)
+        fd = fileno(self.transport)
         # TLS: no half-close, so no FIN of ours in the count.
         return fd is not None and nothing_unacked(unacked_bytes(fd), fin_sent=not self.tls)
 
@@ -421,13 +421,13 @@ def nothing_at_stake(transport: asyncio.BaseTransport) -> bool:
     core.linger.bytes_at_stake). Unknown counts (no socket, not Linux) are at stake."""
     if cast(asyncio.WriteTransport, transport).get_write_buffer_size() > 0:
         return False
-    fd = _fileno(transport)
+    fd = fileno(transport)
     if fd is None:
         return False
     return not bytes_at_stake(unread_bytes(fd), unacked_bytes(fd), fin_sent=False)
 
 
-def _fileno(transport: asyncio.BaseTransport) -> int | None:
+def fileno(transport: asyncio.BaseTransport) -> int | None:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
@@ -473,4 +473,4 @@ def drain_engine(loop: asyncio.AbstractEventLoop) -> AsyncioDrainEngine:
 
 
 __all__ = ["SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL", "AsyncioDrainEngine", "DescriptorReclaimer",
-           "LingeringConnection", "drain_engine", "nothing_at_stake"]
+           "LingeringConnection", "drain_engine", "fileno", "nothing_at_stake"]

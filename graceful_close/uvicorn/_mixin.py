@@ -25,9 +25,10 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
+from ..core.closing import AUTO, client_sent_close
 from ..core.keepalive import KeepAlivePolicy
-from ..engines.aio import DescriptorReclaimer, drain_engine, nothing_at_stake
-from ..engines.sockets import descriptor_budget
+from ..engines.aio import DescriptorReclaimer, drain_engine, fileno, nothing_at_stake
+from ..engines.sockets import descriptor_budget, unread_bytes
 from ..settings import current_settings
 from . import _compat, lifecycle
 
@@ -47,6 +48,7 @@ class _Process:
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
     reclaimer: DescriptorReclaimer | None = None  # issue 20: None when RLIMIT_NOFILE is unknown
+    at_once = False  # lingering_close=auto (issue 18, core.closing)
 
 
 def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
@@ -57,6 +59,7 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
     settings = current_settings()
     lifecycle.first_connection(type(first))  # metrics, the start-up line if not logged yet, the stop watch
     _Process.keepalive_header = settings.keepalive_header
+    _Process.at_once = settings.lingering_close == AUTO
     budget = descriptor_budget()
     if budget is not None:
         connections = first.server_state.connections
@@ -179,7 +182,7 @@ class LingeringCloseMixin(_Base):
     """Put it first in the bases of an asyncio protocol that closes through its transport."""
 
     __slots__ = ("_gc_transport", "_gc_done", "_gc_requests", "_gc_cap", "_gc_accepted",
-                 "_gc_age_deadline", "_gc_user_agent", "_gc_closing")
+                 "_gc_age_deadline", "_gc_user_agent", "_gc_closing", "_gc_refused")
 
     _gc_transport: asyncio.Transport  # the real one; the protocol only sees its ClosingTransport
     _gc_done: bool  # handed off, closed at once, or lost: the protocol is done with the socket
@@ -189,6 +192,7 @@ class LingeringCloseMixin(_Base):
     _gc_age_deadline: float  # loop.time() from which the age cap ends the connection
     _gc_user_agent: bytes | None  # of the first request, when User-Agent rules are active
     _gc_closing: bool  # a response that ends the connection was decided
+    _gc_refused: bool  # the protocol answered 400 to input it could not parse
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         policy = _Process.policy or _start_process(self)
@@ -202,6 +206,7 @@ class LingeringCloseMixin(_Base):
         self._gc_age_deadline = now + policy.max_age if policy.max_age else math.inf
         self._gc_user_agent = None
         self._gc_closing = False
+        self._gc_refused = False
         super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
         reclaimer = _Process.reclaimer
         if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
@@ -228,11 +233,36 @@ class LingeringCloseMixin(_Base):
         protocol does its connection-lost bookkeeping now (not when the socket closes)."""
         if self._gc_done:
             return
+        if _Process.at_once and self._gc_client_ended():
+            # lingering_close=auto: no byte can meet an RST; close as stock does.
+            self._gc_transport.close()
+            self.connection_lost(None)
+            return
         reclaimer = _Process.reclaimer
         if reclaimer is not None:  # once per hand-off: near RLIMIT_NOFILE, free some
             reclaimer.check(self)
         drain_engine(self.loop).hand_off(self._gc_transport, self.server_state.connections)
         self.connection_lost(None)
+
+    def _gc_client_ended(self) -> bool:
+        """The client ended this connection itself (core.closing): its last request said
+        Connection: close explicitly and was received whole, nothing of the client's is
+        held unparsed, and the socket's receive queue is empty. Only on a close."""
+        cycle = self.cycle
+        if cycle is None or cycle.more_body or self._gc_closing or self._gc_refused:
+            return False
+        if not client_sent_close(cycle.scope["headers"]) or self._gc_held_input(cycle):
+            return False
+        fd = fileno(self._gc_transport)
+        return fd is not None and unread_bytes(fd) == 0
+
+    def _gc_held_input(self, cycle: Any) -> bool:
+        """Received bytes after `cycle`'s request that the protocol holds unparsed or unserved."""
+        return True  # unknown: linger
+
+    def send_400_response(self, msg: str) -> None:
+        self._gc_refused = True  # the server ends this connection: it lingers
+        super().send_400_response(msg)  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._gc_done:

@@ -44,6 +44,9 @@ class H11Protocol(LingeringCloseMixin, h11_impl.H11Protocol):
         if self.cycle is not before and not self._gc_done:
             self._gc_on_request(self.cycle)
 
+    def _gc_held_input(self, cycle: Any) -> bool:
+        return cycle is not self.cycle or bool(self.conn.trailing_data[0])
+
 
 if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
     from uvicorn.protocols.http import httptools_impl
@@ -84,6 +87,10 @@ if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
 
         def _gc_idle(self) -> bool:
             return not self.pipeline
+
+        def _gc_held_input(self, cycle: Any) -> bool:
+            # httptools parses all it is fed: a next message began (its own scope) or is queued.
+            return cycle is not self.cycle or self.scope is not cycle.scope or bool(self.pipeline)
 
     AutoHTTPProtocol: type[asyncio.Protocol] = HttpToolsProtocol
 else:  # pragma: no cover - without httptools
