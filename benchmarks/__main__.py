@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from .correctness import measure_correctness
@@ -20,12 +21,12 @@ from .hol import measure_hol
 from .meta import machine_meta
 from .plan import START_PAIR, Plan, item_seconds, plan_for
 from .report import write_report
-from .scale import measure_census, measure_rss
+from .scale import RSS_PATHS, measure_census, measure_rss
 from .servers import TARGETS, VARIANTS, BenchTarget, server_close_args
 from .throughput import measure_throughput, reps_for
 from .wrk import ensure_wrk
 
-ITEMS = ("keepalive", "close", "server_close", "hol", "rss", "census", "correctness")
+ITEMS = ("keepalive", "close", "server_close", "hol", "rss", "rss_paths", "census", "correctness")
 PAIR_ITEMS = ("keepalive", "close", "server_close", "hol", "correctness")  # share one pair
 NOFILE = 65536
 # Servers that can hold 10,000 idle keep-alive connections (gthread stops at
@@ -98,6 +99,12 @@ def run_target(target: BenchTarget, plan: Plan, items: list[str], entry: dict, s
             _guarded(entry, "rss_idle_stock",
                      lambda: measure_rss(target, plan, log=log, idle_stock=True))
             save()
+    if "rss_paths" in items:  # issue 18: whoever ends the connection, plan.rss_paths_clients
+        log("  rss_paths")
+        paths_plan = replace(plan, rss_clients=plan.rss_paths_clients)
+        _guarded(entry, "rss_paths", lambda: {
+            how: measure_rss(target, paths_plan, log=log, how=how) for how in RSS_PATHS})
+        save()
     if "census" in items:
         log("  census")
         _guarded(entry, "census", lambda: measure_census(target, plan, log=log))

@@ -22,11 +22,13 @@ from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, req
 
 
 class NeverClosingCrowd:
-    def __init__(self, target: Target, path: str = "/", keep_alive: bool = False) -> None:
-        """keep_alive=True: the request does not ask to close (an idle keep-alive client)."""
+    def __init__(self, target: Target, path: str = "/", keep_alive: bool = False,
+                 request: bytes | None = None) -> None:
+        """keep_alive=True: the request does not ask to close (an idle keep-alive client);
+        `request`: these bytes instead."""
         self.target = target
-        self.request = request_bytes("GET", path, target.authority,
-                                     None if keep_alive else {"Connection": "close"})
+        self.request = request or request_bytes("GET", path, target.authority,
+                                                None if keep_alive else {"Connection": "close"})
         self.sockets: list[socket.socket] = []
         self.connect_failures = 0
         self.answered = 0   # clients that received response bytes

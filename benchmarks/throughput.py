@@ -111,7 +111,7 @@ def measure_throughput(servers: dict[str, ServerProcess], plan: Plan, workload: 
                 f"CPU {cpu_us[variant][-1]:.1f} us/request, others {load.cores:.2f} cores")
     medians = {v: statistics.median(runs[v]) for v in VARIANTS}
     cpu_median = {v: statistics.median(cpu_us[v]) for v in VARIANTS}
-    paired = [g / s for g, s in zip(cpu_us["graceful"], cpu_us["stock"]) if s]
+    paired = [g / s for g, s in zip(cpu_us["graceful"], cpu_us["stock"], strict=True) if s]
     return {
         "workload": workload, "rounds": reps, "runs": runs, "median": medians,
         "errors": errors, "command": command,

@@ -182,7 +182,7 @@ class LingeringCloseMixin(_Base):
     """Put it first in the bases of an asyncio protocol that closes through its transport."""
 
     __slots__ = ("_gc_transport", "_gc_done", "_gc_requests", "_gc_cap", "_gc_accepted",
-                 "_gc_age_deadline", "_gc_user_agent", "_gc_closing", "_gc_refused")
+                 "_gc_age_deadline", "_gc_user_agent", "_gc_closing", "_gc_refused", "_gc_input_after")
 
     _gc_transport: asyncio.Transport  # the real one; the protocol only sees its ClosingTransport
     _gc_done: bool  # handed off, closed at once, or lost: the protocol is done with the socket
@@ -193,6 +193,7 @@ class LingeringCloseMixin(_Base):
     _gc_user_agent: bytes | None  # of the first request, when User-Agent rules are active
     _gc_closing: bool  # a response that ends the connection was decided
     _gc_refused: bool  # the protocol answered 400 to input it could not parse
+    _gc_input_after: bool  # bytes arrived after the last request was whole (reset per request)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         policy = _Process.policy or _start_process(self)
@@ -207,6 +208,7 @@ class LingeringCloseMixin(_Base):
         self._gc_user_agent = None
         self._gc_closing = False
         self._gc_refused = False
+        self._gc_input_after = False
         super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
         reclaimer = _Process.reclaimer
         if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
@@ -257,8 +259,12 @@ class LingeringCloseMixin(_Base):
         return fd is not None and unread_bytes(fd) == 0
 
     def _gc_held_input(self, cycle: Any) -> bool:
-        """Received bytes after `cycle`'s request that the protocol holds unparsed or unserved."""
-        return True  # unknown: linger
+        """Bytes received after `cycle`'s request (held unparsed or unserved, or dropped).
+
+        Seen here: a later request begun (a new cycle) and bytes read after the request was
+        whole. Bytes that came in the same read as the request's end are each protocol's
+        (H11Protocol, HttpToolsProtocol); zttp shows none of them."""
+        return cycle is not self.cycle or self._gc_input_after
 
     def send_400_response(self, msg: str) -> None:
         self._gc_refused = True  # the server ends this connection: it lingers
@@ -271,6 +277,9 @@ class LingeringCloseMixin(_Base):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body:  # reset by the next request's cycle
+            self._gc_input_after = True
         super().data_received(data)
         if self.timeout_keep_alive_task is None and not self._gc_done:
             cycle = self.cycle
@@ -305,6 +314,7 @@ class LingeringCloseMixin(_Base):
     def _gc_on_request(self, cycle: Any) -> None:
         """Once per new request cycle, before its task runs: the policy's per-request cost."""
         n = self._gc_requests = self._gc_requests + 1
+        self._gc_input_after = False
         if n == 1:
             self._gc_first_request()
         if n < self._gc_cap and self.loop.time() < self._gc_age_deadline:

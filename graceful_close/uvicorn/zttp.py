@@ -33,22 +33,12 @@ log = logging.getLogger("uvicorn.error")  # configured by uvicorn: the line show
 class ZttpProtocol(LingeringCloseMixin, zttp_impl.ZttpProtocol):
     """uvicorn's zttp HTTP/1.1 protocol with the lingering close and the keep-alive policy."""
 
-    # Bytes arrived after the last request was complete (zttp shows nothing of what it
-    # holds unparsed): such a connection lingers under lingering_close=auto.
-    _gc_input_after = False
-
     def handle_events(self, event: zttp.Event) -> None:
         before = self.cycle
-        if before is not None and not before.more_body:
-            self._gc_input_after = True
         super().handle_events(event)
         # At most one new request per call: the next waits until this response completes.
         if self.cycle is not before and not self._gc_done:
-            self._gc_input_after = False
             self._gc_on_request(self.cycle)
-
-    def _gc_held_input(self, cycle: object) -> bool:
-        return cycle is not self.cycle or self._gc_input_after
 
 
 class AutoZttpProtocol(auto_zttp_impl.AutoZttpProtocol):
