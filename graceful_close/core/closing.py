@@ -7,9 +7,17 @@
 - auto (the default): a close lingers unless the client itself ended the connection
   with an explicit `Connection: close` header (RFC 9112 §9.6: it must send nothing after
   that request), the request had no body or its body was read whole, and nothing is
-  unread when we close (neither in the kernel's receive queue nor in the parser's buffer).
-  Such a connection can receive no byte that would turn our close into an RST, so it is
-  closed at once, as the stock servers close it. Everything else lingers: every close the
+  unread when we close (neither in the kernel's receive queue nor in the parser's buffer),
+  and the response has left entirely (nothing queued in our buffers, nothing
+  unacknowledged in the kernel's send queue). Such a connection can receive no byte that
+  would turn our close into an RST, so it is closed at once, as the stock servers close it.
+
+  The last condition is not in RFC 9112: it keeps a response still in flight safe from a
+  client that breaks section 9.6 and sends more after its own Connection: close (the
+  pipelined-after-close scenario: 2 MB in flight, requests arriving 50 ms later). A small
+  response is acknowledged at once on loopback (nginx or a sidecar in front on the same
+  host); across a network it usually is not yet when we close, and then the close lingers,
+  which costs a linger and loses nothing. Everything else lingers: every close the
   server decides (the app's Connection: close, the keep-alive caps, the User-Agent rule,
   errors, timeouts, a stop), every unread or partly read body, any pending input, and an
   HTTP/1.0 request that ends the connection only implicitly (old clients are the ones the
@@ -51,12 +59,12 @@ def client_sent_close(headers: Iterable[tuple[bytes | str, bytes | str]]) -> boo
 
 
 def closes_at_once(mode: str, client_closed: bool, body_complete: bool,
-                   unread: int | None) -> bool:
+                   unread: int | None, unsent: int | None) -> bool:
     """Close without lingering? `client_closed`: client_sent_close() of the last request;
     `body_complete`: that request had no body or all of it was received; `unread`: bytes
-    received and not consumed (receive queue + parser buffer), None when unknown (which
-    lingers)."""
-    return mode == AUTO and client_closed and body_complete and unread == 0
+    received and not consumed (receive queue + parser buffer); `unsent`: response bytes not
+    yet acknowledged (our buffers + the kernel's send queue). Unknown counts (None) linger."""
+    return mode == AUTO and client_closed and body_complete and unread == 0 and unsent == 0
 
 
 __all__ = ["ALWAYS", "AUTO", "MODES", "client_sent_close", "closes_at_once", "says_close"]

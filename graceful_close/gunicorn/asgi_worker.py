@@ -26,7 +26,7 @@ from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers import gasgi
 
 from .. import metrics
-from ..core.closing import AUTO, client_sent_close
+from ..core.closing import AUTO, client_sent_close, closes_at_once
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.aio import (
     SHUTDOWN_FORCE_GRACE,
@@ -36,7 +36,7 @@ from ..engines.aio import (
     fileno,
     nothing_at_stake,
 )
-from ..engines.sockets import descriptor_budget, unread_bytes
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import Settings, announce, current_settings
 from ._compat import check_asgi_worker, share_asgi_parser_cache
 
@@ -164,7 +164,9 @@ class LingeringASGIProtocol(ASGIProtocol):
         if remaining is None or remaining() or getattr(parser, "remaining_truncated", False):
             return False
         fd = fileno(transport)
-        return fd is not None and unread_bytes(fd) == 0
+        if fd is None or transport.get_write_buffer_size():
+            return False
+        return closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
 
     def _send_error_response(self, *args: Any, **kwargs: Any) -> None:
         self._gc_refused = True  # the server ends this connection: it lingers

@@ -27,11 +27,11 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import ggevent
 
 from .. import metrics
-from ..core.closing import AUTO, client_sent_close
+from ..core.closing import AUTO, client_sent_close, closes_at_once
 from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.gevent import GeventDrainEngine, at_stake
-from ..engines.sockets import descriptor_budget, unread_bytes
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import Settings, announce, current_settings
 from ._compat import check_gevent_worker, request_whole, route_responses
 
@@ -114,7 +114,7 @@ class GeventWorker(ggevent.GeventWorker):
             # whole; with nothing unread no byte can meet an RST: close as stock does.
             self._client_closed.discard(sock)
             fd = sock.fileno()
-            if fd >= 0 and unread_bytes(fd) == 0:
+            if fd >= 0 and closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd)):
                 sock.close()
                 return
         if not self.alive and not at_stake(sock, fin_sent=False):

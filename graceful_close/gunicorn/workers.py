@@ -28,7 +28,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import base, gthread, sync
 
 from .. import metrics
-from ..core.closing import AUTO, client_sent_close
+from ..core.closing import AUTO, client_sent_close, closes_at_once
 from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..core.linger import bytes_at_stake
@@ -68,19 +68,20 @@ def mark_if_client_closed(req: Any, sock: socket.socket) -> None:
         _client_closed.add(sock)
 
 
-def _nothing_unread(sock: socket.socket) -> bool:
+def _nothing_pending(sock: socket.socket) -> bool:
+    """Nothing unread, and the response all acknowledged (core.closing.closes_at_once)."""
     try:
         fd = sock.fileno()
     except OSError:
         return False
-    return fd >= 0 and unread_bytes(fd) == 0
+    return fd >= 0 and closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
 
 
 def _hand_off(sock: socket.socket, *_args: Any, **_kwargs: Any) -> None:
     """Drop-in for gunicorn.util.close_graceful(sock, timeout, max_drain)."""
     if _client_closed and sock in _client_closed:
         _client_closed.discard(sock)
-        if _nothing_unread(sock):  # no byte can meet an RST: close as stock does
+        if _nothing_pending(sock):  # no byte can meet an RST: close as stock does
             sock.close()
             return
     if _engine is not None:

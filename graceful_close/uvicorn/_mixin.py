@@ -25,10 +25,10 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from ..core.closing import AUTO, client_sent_close
+from ..core.closing import AUTO, client_sent_close, closes_at_once
 from ..core.keepalive import KeepAlivePolicy
 from ..engines.aio import DescriptorReclaimer, drain_engine, fileno, nothing_at_stake
-from ..engines.sockets import descriptor_budget, unread_bytes
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import current_settings
 from . import _compat, lifecycle
 
@@ -63,8 +63,10 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
     budget = descriptor_budget()
     if budget is not None:
         connections = first.server_state.connections
+        engine = drain_engine(first.loop)
         _Process.reclaimer = DescriptorReclaimer(
-            drain_engine(first.loop), budget, held=connections.__len__,  # lingering ones are in the set too
+            # lingering ones with a transport are in the set; detached ones are not
+            engine, budget, held=lambda: len(connections) + engine.detached,
             close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
@@ -249,14 +251,18 @@ class LingeringCloseMixin(_Base):
     def _gc_client_ended(self) -> bool:
         """The client ended this connection itself (core.closing): its last request said
         Connection: close explicitly and was received whole, nothing of the client's is
-        held unparsed, and the socket's receive queue is empty. Only on a close."""
+        held unparsed, the socket's receive queue is empty and the response has left
+        (transport buffer empty, all acknowledged). Only on a close."""
         cycle = self.cycle
         if cycle is None or cycle.more_body or self._gc_closing or self._gc_refused:
             return False
         if not client_sent_close(cycle.scope["headers"]) or self._gc_held_input(cycle):
             return False
-        fd = fileno(self._gc_transport)
-        return fd is not None and unread_bytes(fd) == 0
+        transport = self._gc_transport
+        fd = fileno(transport)
+        if fd is None or transport.get_write_buffer_size():
+            return False
+        return closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
 
     def _gc_held_input(self, cycle: Any) -> bool:
         """Bytes received after `cycle`'s request (held unparsed or unserved, or dropped).
