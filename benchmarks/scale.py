@@ -7,6 +7,7 @@ import time
 
 from graceful_close.diagnostics.processes import fd_count, tcp_state_counts, wait_until, worker_pid
 from graceful_close.diagnostics.scenarios import Target
+from graceful_close.diagnostics.wire import request_bytes
 
 from .crowd import NeverClosingCrowd, measure_latency
 from .observe import rss_bytes
@@ -75,7 +76,10 @@ def measure_rss(target: BenchTarget, plan: Plan, log=print, idle_stock: bool = F
         measure_latency(addr, time.monotonic() + 1.0, think=0.0)  # warm up the worker
         time.sleep(1.5 if how == "timeout" else 0.5)  # let the warm-up connections end
         base_rss, base_fds = rss_bytes(pid), fd_count(pid)
-        crowd = NeverClosingCrowd(addr, path, keep_alive=not client_closes)
+        request = (request_bytes("GET", path, addr.authority, {"Connection": "close"})
+                   if client_closes else request_bytes("GET", path, addr.authority))
+        crowd = NeverClosingCrowd(addr, path, request=None if idle_stock else request,
+                                  keep_alive=True)
         started = time.monotonic()
         for _ in range(n):
             crowd.arrive()

@@ -190,7 +190,7 @@ class AsyncioDrainEngine:
         # Detached sockets (see the module docstring): created at the first one.
         self._detached: PollDrainEngine | None = None
         self._detached_timer: asyncio.TimerHandle | None = None
-        self._detached_in: set[MutableSet[Any]] = set()  # server sets holding the stand-in
+        self._detached_in: list[MutableSet[Any]] = []  # server sets holding the stand-in
         self._stand_in = DetachedConnections(self)
         self.detach = hasattr(os, "dup")
 
@@ -292,7 +292,8 @@ class AsyncioDrainEngine:
         engine.hand_off(owned)  # half-close (FIN behind the response), register, linger
         if server_connections is not None and engine.lingering:
             server_connections.add(self._stand_in)
-            self._detached_in.add(cast(Any, server_connections))
+            if not any(held is server_connections for held in self._detached_in):
+                self._detached_in.append(server_connections)
         if self._detached_timer is None and engine.lingering:
             self._arm_detached()
         return True
