@@ -40,6 +40,7 @@ import _socket
 import asyncio
 import errno
 import os
+import select
 import socket
 import struct
 import time
@@ -187,12 +188,17 @@ class AsyncioDrainEngine:
         # At stake at the stop only by bytes that had arrived but the loop had not read yet:
         # judged again at the next sweep, once it has read them.
         self._stop_recheck: list[LingeringConnection] = []
-        # Detached sockets (see the module docstring): created at the first one.
+        # Detached sockets (see the module docstring). Its epoll is made now, with the engine
+        # (at a server's first connection), not at the first linger: a descriptor that
+        # appears later would look like a leak.
         self._detached: PollDrainEngine | None = None
         self._detached_timer: asyncio.TimerHandle | None = None
         self._detached_in: list[MutableSet[Any]] = []  # server sets holding the stand-in
         self._stand_in = DetachedConnections(self)
-        self.detach = hasattr(os, "dup")
+        self.detach = hasattr(os, "dup") and hasattr(select, "epoll")
+        if self.detach:
+            engine = self._detached = PollDrainEngine(settings, counters=counters)
+            loop.add_reader(cast(int, engine.fileno()), self._on_detached_ready)
 
     @property
     def lingering(self) -> int:
@@ -284,9 +290,7 @@ class AsyncioDrainEngine:
         transport.set_protocol(_DETACHED)
         transport.abort()
         engine = self._detached
-        if engine is None:
-            engine = self._detached = PollDrainEngine(self.settings, counters=self.counters)
-            self.loop.add_reader(cast(int, engine.fileno()), self._on_detached_ready)
+        assert engine is not None
         if self._stop_limit is not None and not engine.stopping:
             engine.begin_stop(max(0.0, self._stop_limit - self.loop.time()))
         engine.hand_off(owned)  # half-close (FIN behind the response), register, linger
