@@ -20,8 +20,9 @@ ones from the front. linger_time is checked whenever a connection shows activity
 idle deadline. Decisions come from the sans-io core, like the other engines:
 LingerState, and the RST rule (core.linger.nothing_unacked) fed with SIOCOUTQ.
 
-Detached (issue 18): a plain TCP connection whose response has left the transport's buffer
-at the hand-off (nearly all of them) does not keep its transport. Its descriptor is
+Detached (issue 18): once DETACH_ABOVE connections linger with their transports, a plain
+TCP connection whose response has left the transport's buffer at the hand-off does not keep
+its transport. Its descriptor is
 duplicated, the transport aborted (no FIN, no RST: the socket lives on in the duplicate),
 and the socket goes to a PollDrainEngine with its own epoll, which the loop watches with ONE
 add_reader for all of them. A lingering socket then costs its LingerState and a small
@@ -61,6 +62,12 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 # Deadlines are coarse, like nginx's: one sweep ends every connection due by then,
 # and sweeps are at least this far apart however many connections linger.
 SWEEP_INTERVAL = 0.1
+
+# Detach only beyond this many lingering connections on the loop (issue 18, measured):
+# detaching costs a few system calls more per close (dup, epoll registration, its own
+# wake-up), about a quarter of stock's CPU per connection on a hello-world app, and saves
+# memory (a transport per socket), which matters only when many linger at once.
+DETACH_ABOVE = 64
 
 # After a stop's limit, connections whose final close has not completed get this long
 # before they are aborted (AsyncioDrainEngine._abort_stuck_closes).
@@ -226,7 +233,8 @@ class AsyncioDrainEngine:
         """
         if transport.is_closing():
             return  # closed already: nothing to linger on
-        if self.detach and self._detach(transport, server_connections):
+        if self.detach and len(self._lingering) >= DETACH_ABOVE and self._detach(
+                transport, server_connections):
             return
         lingering = self._lingering
         while len(lingering) >= self.settings.max_lingering:

@@ -215,7 +215,8 @@ def refusal(found: list[str]) -> str:
 #     calls and which it waits for; the drain engine's LingeringConnection takes the
 #     protocol's place in it.
 # P4. timeout_keep_alive_task / timeout_keep_alive / timeout_keep_alive_handler: the
-#     keep-alive timer, cancelled by every data_received() and armed by
+#     keep-alive timer, cancelled by every data_received() (its first call,
+#     _unset_keepalive_if_required(), which the mixin replaces with the same body) and armed by
 #     on_response_complete(). Armed means "idle since the last response" (a stop, or a
 #     process short of descriptors, closes such a connection at once when nothing is at
 #     stake), and we re-arm it after an early response's unread body.
@@ -269,6 +270,9 @@ _PROTOCOL_SOURCE = {
     "shutdown": ("self.transport.close()", "self.cycle.keep_alive = False"),
     "handle_websocket_upgrade": ("connection_made(self.transport)",),
     "send_400_response": ("self.transport.close()",),
+    # replaced by the mixin's, which keeps this body
+    "_unset_keepalive_if_required": ("self.timeout_keep_alive_task.cancel()",
+                                     "self.timeout_keep_alive_task = None"),
 }
 _CYCLE_SOURCE = {
     "run_asgi": ("self.send",),

@@ -282,17 +282,29 @@ class LingeringCloseMixin(_Base):
         self._gc_done = True
         super().connection_lost(exc)
 
-    def data_received(self, data: bytes) -> None:
+    def _unset_keepalive_if_required(self) -> None:
+        """uvicorn's own, replaced (same body, no extra call): every data_received() starts
+        with it, so what we need to know of each read costs no frame of ours (issue 18)."""
+        task = self.timeout_keep_alive_task
+        if task is not None:
+            task.cancel()
+            self.timeout_keep_alive_task = None
         cycle = self.cycle
-        if cycle is not None and not cycle.more_body:  # reset by the next request's cycle
+        if cycle is None or self._gc_done:
+            return
+        if not cycle.more_body:
+            # Bytes after a whole request (lingering_close=auto; reset by the next request).
             self._gc_input_after = True
-        super().data_received(data)
+        elif cycle.response_complete:
+            # The unread body of an early response is still arriving: uvicorn cancels the
+            # keep-alive timer on every read and re-arms it only when a response completes,
+            # so nothing would re-arm it and the connection would stay open forever.
+            self.loop.call_soon(self._gc_rearm_if_idle)
+
+    def _gc_rearm_if_idle(self) -> None:
         if self.timeout_keep_alive_task is None and not self._gc_done:
             cycle = self.cycle
             if cycle is not None and cycle.response_complete and self._gc_idle():
-                # uvicorn cancels the keep-alive timer on every read and re-arms it only when
-                # a response completes; after an early response whose unread body arrives
-                # later, nothing would re-arm it and the connection would stay open forever.
                 self.timeout_keep_alive_task = self.loop.call_later(
                     self.timeout_keep_alive, self.timeout_keep_alive_handler)
 

@@ -33,13 +33,16 @@ from ..settings import configure, current_settings
 from . import lifecycle
 from ._mixin import ClosingTransport, LingeringCloseMixin
 
+# The stock methods our hooks wrap, called directly: cheaper than super() per request.
+_stock_h11_handle_events = h11_impl.H11Protocol.handle_events
+
 
 class H11Protocol(LingeringCloseMixin, h11_impl.H11Protocol):
     """uvicorn's h11 protocol with the lingering close and the keep-alive policy."""
 
     def handle_events(self) -> None:
         before = self.cycle
-        super().handle_events()
+        _stock_h11_handle_events(self)
         # h11 yields at most one new request per call (the next one waits, PAUSED).
         if self.cycle is not before and not self._gc_done:
             self._gc_on_request(self.cycle)
@@ -52,6 +55,8 @@ class H11Protocol(LingeringCloseMixin, h11_impl.H11Protocol):
 if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
     from uvicorn.protocols.http import httptools_impl
 
+    _stock_on_headers_complete = httptools_impl.HttpToolsProtocol.on_headers_complete
+
     class HttpToolsProtocol(LingeringCloseMixin, httptools_impl.HttpToolsProtocol):
         """uvicorn's httptools protocol with the lingering close and the keep-alive policy."""
 
@@ -62,7 +67,7 @@ if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
 
         def on_headers_complete(self) -> None:
             before = self.cycle
-            super().on_headers_complete()
+            _stock_on_headers_complete(self)
             cycle = self.cycle
             if cycle is not before:  # not a WebSocket upgrade
                 if before is not None and not before.response_complete:
