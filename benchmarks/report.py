@@ -490,8 +490,8 @@ def write_report(results: dict, out_dir: Path) -> Path:
         lines += ["## Analysis", "", NOTES.read_text().strip(), ""]
     lines += ["## Details", "",
               *_throughput(targets, "keepalive", "1. Keep-alive throughput (GET /, 3-byte body)"),
-              *_throughput(targets, "close", "2. client-close: the client sends Connection: close"),
-              *_throughput(targets, "server_close", "3. server-close: the app answers Connection: "
+              *_throughput(targets, "close", "1b. client-close: the client sends Connection: close"),
+              *_throughput(targets, "server_close", "1c. server-close: the app answers Connection: "
                            "close (gunicorn's WSGI workers: --keep-alive 0)"),
               *_hol(targets), *_rss(targets), *_rss_paths(targets), *_census(targets, plan),
               *_correctness(targets, plan)]
