@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from .correctness import measure_correctness
@@ -20,13 +21,13 @@ from .hol import measure_hol
 from .meta import machine_meta
 from .plan import START_PAIR, Plan, item_seconds, plan_for
 from .report import write_report
-from .scale import measure_census, measure_rss
-from .servers import TARGETS, VARIANTS, BenchTarget
-from .throughput import measure_throughput
+from .scale import RSS_PATHS, measure_census, measure_rss
+from .servers import TARGETS, VARIANTS, BenchTarget, server_close_args
+from .throughput import measure_throughput, reps_for
 from .wrk import ensure_wrk
 
-ITEMS = ("keepalive", "close", "hol", "rss", "census", "correctness")
-PAIR_ITEMS = ("keepalive", "close", "hol", "correctness")  # share one stock+graceful pair
+ITEMS = ("keepalive", "close", "server_close", "hol", "rss", "rss_paths", "census", "correctness")
+PAIR_ITEMS = ("keepalive", "close", "server_close", "hol", "correctness")  # share one pair
 NOFILE = 65536
 # Servers that can hold 10,000 idle keep-alive connections (gthread stops at
 # worker_connections, sync has no keep-alive): their RSS with as many idle clients
@@ -63,13 +64,26 @@ def _guarded(entry: dict, item: str, run) -> None:
 
 def run_target(target: BenchTarget, plan: Plan, items: list[str], entry: dict, save) -> None:
     pair_items = [i for i in items if i in PAIR_ITEMS]
+    own_pair_args = server_close_args(target.key)
+    if "server_close" in pair_items and own_pair_args is not None:
+        pair_items.remove("server_close")
+        with contextlib.ExitStack() as stack:
+            servers = {v: stack.enter_context(target.make(v, plan.graceful_env, loop=plan.loop,
+                                                          extra_args=own_pair_args))
+                       for v in VARIANTS}
+            log(f"  server_close ({' '.join(own_pair_args)})")
+            _guarded(entry, "server_close", lambda: measure_throughput(
+                servers, plan, "server_close", log=log, reps=reps_for(plan, target.key)))
+            entry["server_close"]["server_args"] = list(own_pair_args)
+            save()
     if pair_items:
         with contextlib.ExitStack() as stack:
             servers = {v: stack.enter_context(target.make(v, plan.graceful_env, loop=plan.loop))
                        for v in VARIANTS}
             jobs = {
-                "keepalive": lambda: measure_throughput(servers, plan, close=False, log=log),
-                "close": lambda: measure_throughput(servers, plan, close=True, log=log),
+                **{item: (lambda item=item: measure_throughput(
+                    servers, plan, item, log=log, reps=reps_for(plan, target.key)))
+                   for item in ("keepalive", "close", "server_close")},
                 "hol": lambda: measure_hol(servers, plan, log=log),
                 "correctness": lambda: measure_correctness(servers, plan, log=log),
             }
@@ -85,6 +99,12 @@ def run_target(target: BenchTarget, plan: Plan, items: list[str], entry: dict, s
             _guarded(entry, "rss_idle_stock",
                      lambda: measure_rss(target, plan, log=log, idle_stock=True))
             save()
+    if "rss_paths" in items:  # issue 18: whoever ends the connection, plan.rss_paths_clients
+        log("  rss_paths")
+        paths_plan = replace(plan, rss_clients=plan.rss_paths_clients)
+        _guarded(entry, "rss_paths", lambda: {
+            how: measure_rss(target, paths_plan, log=log, how=how) for how in RSS_PATHS})
+        save()
     if "census" in items:
         log("  census")
         _guarded(entry, "census", lambda: measure_census(target, plan, log=log))
@@ -143,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate:
         return 0
     nofile = raise_nofile()
-    if {"keepalive", "close"} & set(items):
+    if {"keepalive", "close", "server_close"} & set(items):
         ensure_wrk()
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = machine_meta(plan, command.strip(), nofile)

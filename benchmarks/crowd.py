@@ -2,8 +2,8 @@
 a normal client that measures request latency.
 
 The crowd is the never_closing scenario of graceful_close.diagnostics.scenarios at scale:
-each client sends a request with Connection: close, reads its response and the
-server's EOF, and never closes. One selector thread reads for all of them, so a
+each client sends an HTTP/1.0 request (the server ends the connection after it), reads its
+response and the server's EOF, and never closes. One selector thread reads for all of them, so a
 thousand such clients cost the benchmark process almost no CPU (one thread per
 client, as scenarios.never_closing uses, would poll 50 times a second each).
 """
@@ -17,16 +17,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from graceful_close.diagnostics.scenarios import Target
+from graceful_close.diagnostics.scenarios import Target, old_client_request
 from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 
 
 class NeverClosingCrowd:
-    def __init__(self, target: Target, path: str = "/", keep_alive: bool = False) -> None:
-        """keep_alive=True: the request does not ask to close (an idle keep-alive client)."""
+    def __init__(self, target: Target, path: str = "/", keep_alive: bool = False,
+                 request: bytes | None = None) -> None:
+        """An HTTP/1.0 GET without keep-alive, which the server ends (and lingers on, ours);
+        keep_alive=True: an HTTP/1.1 GET (an idle keep-alive client, unless the server ends
+        the connection); `request`: these bytes instead."""
         self.target = target
-        self.request = request_bytes("GET", path, target.authority,
-                                     None if keep_alive else {"Connection": "close"})
+        if request is None:
+            request = (request_bytes("GET", path, target.authority) if keep_alive
+                       else old_client_request(path, target.authority))
+        self.request = request
         self.sockets: list[socket.socket] = []
         self.connect_failures = 0
         self.answered = 0   # clients that received response bytes

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field, replace
 class Plan:
     quick: bool = False
     reps: int = 5                      # alternating stock/graceful repetitions
-    throughput_seconds: float = 5.0    # per wrk run
+    throughput_seconds: float = 3.0    # per wrk run
+    retries: int = 0                   # runs repeated under foreign load (see throughput)
+    # more alternating rounds for the noisiest CPU figure (gthread's thread pool)
+    extra_reps: dict[str, int] = field(default_factory=lambda: {"gthread": 4})
     wrk_connections: int = 16
     hol_counts: tuple[int, ...] = (0, 10, 100, 1000)
     hol_rate: float = 100.0            # never-closing clients arriving per second
@@ -18,6 +21,7 @@ class Plan:
     hol_cap: float = 15.0              # ...but never longer than this per point
     hol_reps: int = 3
     rss_clients: int = 10_000
+    rss_paths_clients: int = 3_000     # per way of ending the connections (scale.RSS_PATHS)
     census_clients: int = 20
     census_after: float = 5.0
     census_linger_timeout: float = 2.0  # the 2 s stock gunicorn lingers, for a like-for-like census
@@ -28,9 +32,10 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(quick=True, reps=1, throughput_seconds=1.0, hol_counts=(0, 10, 100),
+QUICK = Plan(quick=True, reps=1, extra_reps={}, throughput_seconds=1.0, hol_counts=(0, 10, 100),
              hol_min_window=1.0, hol_tail=0.5, hol_cap=3.0, hol_reps=1, rss_clients=300,
-             census_clients=3, census_after=3.0, correctness_clients=8, upload_size=2 << 20)
+             rss_paths_clients=300, census_clients=3, census_after=3.0, correctness_clients=8,
+             upload_size=2 << 20)
 
 
 def plan_for(quick: bool, reps: int | None = None, loop: str | None = None,
@@ -63,9 +68,9 @@ def item_seconds(plan: Plan) -> dict[str, float]:
 
     throughput = 2 * (1 + WRK_OVERHEAD) + 2 * plan.reps * (plan.throughput_seconds + WRK_OVERHEAD)
     return {
-        "keepalive": throughput, "close": throughput,
+        "keepalive": throughput, "close": throughput, "server_close": throughput + START_PAIR,
         "hol": plan.hol_reps * 2 * sum(window_for(n, plan) + HOL_SETTLE for n in plan.hol_counts),
         "correctness": CORRECTNESS,
-        "rss": RSS_ONE,
+        "rss": RSS_ONE, "rss_paths": 4 * RSS_ONE,
         "census": 2 * (plan.census_after + CENSUS_OVERHEAD),
     }

@@ -8,7 +8,7 @@
   SIGTERM; (c) trickles, quick stop (gunicorn SIGQUIT, uvicorn SIGINT); (d) trickles,
   SIGTERM with a graceful timeout of 2 s (gunicorn --graceful-timeout 2, uvicorn
   --timeout-graceful-shutdown 2). The signal comes 0.75 s after the client read its 413.
-- deadline: a client reads a Connection: close response and our FIN, then holds its end
+- deadline: a client reads the response to an HTTP/1.0 GET and our FIN, then holds its end
   open without a word past linger_timeout (1 s here): does it see RST, or only the FIN?
 - emfile: the server runs with RLIMIT_NOFILE 64 (prlimit). 80 hogs connect at once, each
   makes one keep-alive request and then holds its connection idle (a pooled client); then
@@ -36,6 +36,7 @@ from typing import Any
 
 from graceful_close.diagnostics.launch import ServerProcess
 from graceful_close.diagnostics.processes import tcp_states, worker_pid
+from graceful_close.diagnostics.scenarios import old_client_request
 from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 
 from .servers import TARGETS, VARIANTS
@@ -125,7 +126,7 @@ def deadline_ending(key: str, variant: str, loop: str, abort: bool = False) -> d
     server = _server(key, variant, loop, env=env).start()
     try:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
+        sock.sendall(old_client_request("/", "x"))  # an implicit close: it lingers under auto
         reader = ResponseReader(sock, time.monotonic() + 10)
         try:
             reader.read_response()

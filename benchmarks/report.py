@@ -16,9 +16,16 @@ HOL_FACTOR = 2.0
 # protocol per socket, gthread only its socket; the other workers have no memory target.
 RSS_TARGET_KIB = {"h11": 2.0, "httptools": 2.0, "uvicorn-worker": 2.0, "zttp": 2.0, "gthread": 1.0,
                   "hypercorn": 2.0, "waitress": 1.0}  # hypercorn: the asyncio drain; waitress: poll
+# Issue 18: CPU per request (server process tree), graceful / stock, median of alternating rounds.
+CPU_TARGETS = {"keepalive": 1.03, "close": 1.05, "server_close": 1.15}
+CPU_LABELS = {"keepalive": "keep-alive", "close": "client-close", "server_close": "server-close"}
+# RSS per lingering socket, whoever ended the connection (issue 18).
+RSS_PATH_TARGET_KIB = {"sync": 0.6, "gthread": 0.6}
+RSS_PATH_DEFAULT_KIB = 1.0
 NOTES = Path(__file__).with_name("notes.md")
 CHART = "hol_p99.png"
 RATIO_CHART = "throughput_ratio.png"
+CPU_CHART = "cpu_ratio.png"
 
 
 def _ms(seconds: float | None) -> str:
@@ -104,9 +111,72 @@ def _summary(targets: dict) -> list[str]:
     return lines
 
 
+def _cpu_ratio_cell(data: dict | None, goal: float) -> str:
+    if not _ok(data) or "cpu_ratio" not in data:
+        return "-"
+    low, high = data.get("cpu_ratio_spread") or (float("nan"), float("nan"))
+    ratio = data["cpu_ratio"]
+    return (f"**{ratio:.2f}**{_mark(ratio <= goal)} ({low:.2f}–{high:.2f}, {data['rounds']}); "
+            f"{data['cpu_us_per_request']['stock']:.0f} → {data['cpu_us_per_request']['graceful']:.0f} µs")
+
+
+def cpu_headline(targets: dict) -> list[str]:
+    """The headline table (issue 18): CPU per request ours / stock for the three workloads,
+    then the throughput ratios."""
+    heads = " | ".join(f"{CPU_LABELS[i]} (≤ {g:.2f})" for i, g in CPU_TARGETS.items())
+    lines = ["CPU per request = user + system CPU of the server's whole process tree over the "
+             "requests wrk completed; **graceful / stock, median of the alternating rounds**, then "
+             "(the lowest–highest per-round ratio, the number of rounds); then stock → graceful "
+             "µs per request. Throughput: graceful / stock req/s, median.", "",
+             f"| worker / protocol | {heads} | throughput ratio keep-alive / client-close / "
+             "server-close |", "|---|---|---|---|---|"]
+    for entry in targets.values():
+        if "skipped" in entry:
+            lines.append(f"| {entry['label']} | skipped: {entry['skipped']} ||||")
+            continue
+        cells = [entry["label"]]
+        cells += [_cpu_ratio_cell(entry.get(i), g) for i, g in CPU_TARGETS.items()]
+        cells.append(" / ".join(f"{entry[i]['ratio']:.2f}" if _ok(entry.get(i)) else "-"
+                                for i in CPU_TARGETS))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _rss_paths(targets: dict) -> list[str]:
+    """RSS per lingering socket by who ended the connection (issue 18)."""
+    hows = ("app", "client", "cap", "timeout")
+    rows = []
+    for key, entry in targets.items():
+        paths = entry.get("rss_paths")
+        if not _ok(paths):
+            continue
+        limit = RSS_PATH_TARGET_KIB.get(key, RSS_PATH_DEFAULT_KIB)
+        cells = [f"{entry['label']} (< {limit:g})"]
+        for how in hows:
+            r = paths.get(how)
+            if not _ok(r):
+                cells.append("-")
+                continue
+            kib = rss_kib_per_socket(r)
+            cells.append(f"{kib:.2f}{_mark(kib < limit and r['all_held'])}"
+                         f"{'' if r['all_held'] else ' (not all held)'}")
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["### RSS per lingering socket, by who ended the connection (KiB)", "",
+            "Never-closing clients (each reads its response and the server's FIN and keeps its "
+            "socket); RSS growth of the worker over the clients. app: the ASGI app answers "
+            "`Connection: close` (gunicorn's WSGI workers ignore it: `--keep-alive 0`); client: the "
+            "client sends `Connection: close` (measured with lingering_close=always: under the "
+            "default auto these close at once and nothing lingers); cap: keepalive_requests=1; "
+            "timeout: the server's 1 s keep-alive timeout.", "",
+            "| worker / protocol (target KiB) | app | client | cap | timeout |", "|---|---|---|---|---|",
+            *rows, ""]
+
+
 def _throughput(targets: dict, item: str, title: str) -> list[str]:
     lines = [f"### {title}", "", "| worker / protocol | stock req/s (median) | graceful req/s (median) "
-             "| ratio | worker CPU µs per request, stock / graceful "
+             "| ratio | CPU µs per request (process tree), stock / graceful "
              "| context switches per request, stock / graceful "
              "| socket errors + non-2xx, stock / graceful | runs stock | runs graceful "
              "| other processes' cores (median, max) | runs repeated |",
@@ -121,7 +191,7 @@ def _throughput(targets: dict, item: str, title: str) -> list[str]:
         command = data["command"]
         runs = {v: ", ".join(f"{r:.0f}" for r in data["runs"][v]) for v in data["runs"]}
         cpu, sw = data.get("cpu_us_per_request"), data.get("switches_per_request")
-        cpu_cell = f"{cpu['stock']:.0f} / {cpu['graceful']:.0f}" if cpu else "-"
+        cpu_cell = f"{cpu['stock']:.1f} / {cpu['graceful']:.1f}" if cpu else "-"
         sw_cell = f"{sw['stock']:.2f} / {sw['graceful']:.2f}" if sw else "-"
         lines.append(f"| {entry['label']} | {data['median']['stock']:.0f} | "
                      f"{data['median']['graceful']:.0f} | {data['ratio']:.3f} | {cpu_cell} | {sw_cell} | "
@@ -275,6 +345,63 @@ def write_chart(targets: dict, path: Path) -> bool:
     return True
 
 
+def write_cpu_chart(targets: dict, path: Path) -> bool:
+    """Grouped bars per server: graceful/stock CPU per request for the three workloads, the
+    per-round spread as error bars, each workload's target as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    items = list(CPU_TARGETS)
+    rows = [(e["label"], [e.get(i) if _ok(e.get(i)) and "cpu_ratio" in e[i] else None for i in items])
+            for e in targets.values()]
+    rows = [r for r in rows if any(r[1])]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.5 * len(rows) + 4.0), 5.5))
+    width = 0.27
+    colors = ("tab:blue", "tab:orange", "tab:green")
+    handles: list = []
+    top = 1.3
+    for n, (item, color) in enumerate(zip(items, colors, strict=True)):
+        shift, goal = (n - 1) * width, CPU_TARGETS[item]
+        for x, (_, datas) in enumerate(rows):
+            data = datas[n]
+            if data is None:
+                ax.text(x + shift, 0.02, "n/a", ha="center", va="bottom", fontsize=7)
+                continue
+            value = data["cpu_ratio"]
+            low, high = data.get("cpu_ratio_spread") or (value, value)
+            top = max(top, high)
+            met = value <= goal
+            ax.bar(x + shift, value, width, color=color, edgecolor="black" if met else "red",
+                   linewidth=0.6 if met else 1.8,
+                   yerr=[[max(0.0, value - low)], [max(0.0, high - value)]], capsize=2,
+                   error_kw={"elinewidth": 0.8, "ecolor": "dimgrey"})
+            ax.text(x + shift, 0.05, f"{value:.2f}", ha="center", va="bottom", fontsize=7,
+                    rotation=90, color="black" if met else "red")
+        ax.axhline(goal, color=color, linestyle="--", linewidth=1.0)
+        handles += [Patch(facecolor=color, edgecolor="black", label=CPU_LABELS[item]),
+                    Line2D([], [], color=color, linestyle="--",
+                           label=f"{CPU_LABELS[item]} target ≤ {goal:.2f}")]
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [textwrap.fill(r[0], 14) for r in rows], fontsize=8)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_ylim(0, min(top, 3.0) * 1.05)
+    ax.set_ylabel("CPU per request: graceful ÷ stock (median)")
+    ax.set_title("CPU per request per server, graceful ÷ stock (1.0 = stock's cost; "
+                 "bars: per-round spread)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    handles.append(Patch(facecolor="white", edgecolor="red", linewidth=1.8, label="above its target"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_ratio_chart(targets: dict, path: Path) -> bool:
     """Grouped bars per server: graceful/stock req/s for keep-alive and Connection: close,
     with the two targets as horizontal lines."""
@@ -345,11 +472,15 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"same {meta['nproc']} cores. uvicorn runs with `--loop {plan['loop']}` (UvicornWorker picks "
         "its loop itself). Graceful variants use the default settings (linger_time 30 s, "
         "linger_timeout 5 s) unless an item says otherwise. Each comparison alternates stock and "
-        f"graceful ({plan['reps']} wrk runs of {plan['throughput_seconds']:g} s each, "
+        f"graceful ({plan['reps']} wrk runs of {plan['throughput_seconds']:g} s each, more for "
+        f"{', '.join(f'{k} (+{v})' for k, v in plan.get('extra_reps', {}).items()) or 'none'}, "
         f"{plan['hol_reps']} head-of-line repetitions) and reports medians.", "",
+        "## Headline: CPU per request", "", *cpu_headline(targets), "",
         "## Summary", "", *_summary(targets), "",
     ]
     charts = [f"![{alt}]({name})" for alt, name, written in (
+        ("graceful/stock CPU per request per server", CPU_CHART,
+         write_cpu_chart(targets, out_dir / CPU_CHART)),
         ("graceful/stock throughput ratio per server", RATIO_CHART,
          write_ratio_chart(targets, out_dir / RATIO_CHART)),
         ("p99 latency vs never-closing clients", CHART, write_chart(targets, out_dir / CHART)))
@@ -360,8 +491,11 @@ def write_report(results: dict, out_dir: Path) -> Path:
         lines += ["## Analysis", "", NOTES.read_text().strip(), ""]
     lines += ["## Details", "",
               *_throughput(targets, "keepalive", "1. Keep-alive throughput (GET /, 3-byte body)"),
-              *_throughput(targets, "close", "2. Connection: close throughput"),
-              *_hol(targets), *_rss(targets), *_census(targets, plan), *_correctness(targets, plan)]
+              *_throughput(targets, "close", "1b. client-close: the client sends Connection: close"),
+              *_throughput(targets, "server_close", "1c. server-close: the app answers Connection: "
+                           "close (gunicorn's WSGI workers: --keep-alive 0)"),
+              *_hol(targets), *_rss(targets), *_rss_paths(targets), *_census(targets, plan),
+              *_correctness(targets, plan)]
     errors = [(e["label"], item, data["error"]) for e in targets.values()
               for item, data in e.items() if isinstance(data, dict) and "error" in data]
     if errors:

@@ -7,6 +7,7 @@ import time
 
 from graceful_close.diagnostics.processes import fd_count, tcp_state_counts, wait_until, worker_pid
 from graceful_close.diagnostics.scenarios import Target
+from graceful_close.diagnostics.wire import request_bytes
 
 from .crowd import NeverClosingCrowd, measure_latency
 from .observe import rss_bytes
@@ -32,30 +33,62 @@ LONG_KEEPALIVE = {"gunicorn": ("--keep-alive", "900"), "uvicorn": ("--timeout-ke
                   "hypercorn": ("--keep-alive", "900"), "waitress": ("--channel-timeout=900",)}
 
 
-def measure_rss(target: BenchTarget, plan: Plan, log=print, idle_stock: bool = False) -> dict:
+# Who ends the lingering connections (issue 18): the memory of a lingering socket must not
+# depend on it. Each: (request path, Connection: close from the client, extra env, server
+# arguments by server kind or None). "client" needs lingering_close=always: under the default
+# auto those connections are closed at once and nothing lingers.
+RSS_PATHS = ("app", "client", "cap", "timeout")
+WSGI_KEYS = ("sync", "gthread", "gevent")
+
+
+def rss_setup(key: str, server: str, how: str) -> tuple[str, bool, dict[str, str], tuple[str, ...]]:
+    wsgi = key in WSGI_KEYS
+    if how == "app":  # the app answers Connection: close (gunicorn's WSGI workers: --keep-alive 0)
+        return ("/" if wsgi else "/?close=1"), False, {}, (("--keep-alive", "0") if wsgi else ())
+    if how == "client":
+        return "/", True, {"GRACEFUL_CLOSE_LINGERING_CLOSE": "always"}, ()
+    if how == "cap":  # the keep-alive request cap ends the connection after its first request
+        return "/", False, {"GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "1"}, ()
+    if how == "timeout":  # the idle keep-alive timeout (1 s) ends it
+        args = ("--keep-alive", "1") if server == "gunicorn" else ("--timeout-keep-alive", "1")
+        return "/", False, {}, args
+    raise ValueError(how)
+
+
+def measure_rss(target: BenchTarget, plan: Plan, log=print, idle_stock: bool = False,
+                how: str = "app") -> dict:
     """RSS and fds of one graceful worker before and while it lingers on
-    plan.rss_clients never-closing clients (deadlines long enough to hold them all).
+    plan.rss_clients never-closing clients (deadlines long enough to hold them all), whose
+    connections are ended by `how` (RSS_PATHS).
 
     idle_stock=True measures the reference instead: the stock server holding as many
     idle keep-alive connections (what any open connection costs that server)."""
     n = plan.rss_clients
     env = {**plan.graceful_env, "GRACEFUL_CLOSE_LINGER_TIMEOUT": "600",
            "GRACEFUL_CLOSE_LINGER_TIME": "900", "GRACEFUL_CLOSE_MAX_LINGERING": str(max(n, 10000))}
-    variant, args = "graceful", ()
+    path, client_closes, extra_env, args = rss_setup(target.key, target.server, how)
+    env.update(extra_env)
+    variant = "graceful"
     if idle_stock:
-        variant, args = "stock", LONG_KEEPALIVE[target.server]
+        variant, args, path, client_closes = "stock", LONG_KEEPALIVE[target.server], "/", False
     with target.make(variant, env, loop=plan.loop, extra_args=args) as server:
         pid = worker_pid(server.pid)
         addr = Target("127.0.0.1", server.port)
         measure_latency(addr, time.monotonic() + 1.0, think=0.0)  # warm up the worker
-        time.sleep(0.5)  # let the warm-up connections end
+        time.sleep(1.5 if how == "timeout" else 0.5)  # let the warm-up connections end
         base_rss, base_fds = rss_bytes(pid), fd_count(pid)
-        crowd = NeverClosingCrowd(addr, keep_alive=idle_stock)
+        request = (request_bytes("GET", path, addr.authority, {"Connection": "close"})
+                   if client_closes else request_bytes("GET", path, addr.authority))
+        crowd = NeverClosingCrowd(addr, path, request=None if idle_stock else request,
+                                  keep_alive=True)
         started = time.monotonic()
         for _ in range(n):
             crowd.arrive()
-        # Held: the worker has an fd for (nearly) every client and stopped gaining more.
-        held = wait_until(lambda: fd_count(pid) - base_fds >= 0.99 * (n - crowd.connect_failures), 120)
+        # Held: the worker has an fd for (nearly) every client and stopped gaining more, and
+        # (unless idle) the server has ended (nearly) every connection: they linger.
+        want = 0.99 * (n - crowd.connect_failures)
+        held = wait_until(lambda: fd_count(pid) - base_fds >= want
+                          and (idle_stock or crowd.eof >= want), 120)
         fill_seconds = time.monotonic() - started
         _wait_stable(lambda: fd_count(pid), 10)
         rss, fds = rss_bytes(pid), fd_count(pid)
@@ -64,6 +97,7 @@ def measure_rss(target: BenchTarget, plan: Plan, log=print, idle_stock: bool = F
         crowd.close_all()
         released = wait_until(lambda: fd_count(pid) <= base_fds + 2, 120)
         result = {
+            "how": "idle" if idle_stock else how,
             "clients": n, "connect_failures": crowd.connect_failures, "eof_seen": crowd.eof,
             "all_held": held, "fill_seconds": fill_seconds,
             "base_rss": base_rss, "rss": rss, "growth": rss - base_rss,
@@ -73,7 +107,7 @@ def measure_rss(target: BenchTarget, plan: Plan, log=print, idle_stock: bool = F
             "probe_requests": len(probe.seconds), "probe_failed": probe.failed,
             "probe_max": max(probe.seconds, default=float("nan")),
         }
-    what = "stock, idle keep-alive" if idle_stock else "graceful, lingering"
+    what = "stock, idle keep-alive" if idle_stock else f"graceful, lingering, ended by {how}"
     log(f"    RSS ({what}): {n}: +{result['growth'] / 2**20:.1f} MB "
         f"({base_rss / 2**20:.1f} -> {rss / 2**20:.1f} MB), fds {base_fds} -> {fds} -> "
         f"{result['fds_after_release']}")

@@ -58,6 +58,19 @@ OTHER_SERVERS = {"hypercorn": ("hypercorn", launch.HYPERCORN_CONFIG),
 IMPORTED = {"hypercorn": "graceful_close.hypercorn.logger_class",  # what missing() imports
             "waitress": "graceful_close.waitress.GracefulChannel"}
 
+# gunicorn's WSGI workers drop a WSGI app's Connection header (hop-by-hop), so for the
+# server-close workload they end every connection themselves: --keep-alive 0, both variants.
+WSGI_SERVER_CLOSE_ARGS = ("--keep-alive", "0")
+
+
+def server_close_args(key: str) -> tuple[str, ...] | None:
+    """Extra arguments of the server-close pair, or None when the keep-alive pair serves
+    it (ASGI apps answer GET /?close=1 with Connection: close)."""
+    if key in ("sync", "gthread", "gevent"):
+        return WSGI_SERVER_CLOSE_ARGS
+    return None
+
+
 TARGETS = {
     "sync": BenchTarget("sync", "gunicorn sync", "gunicorn"),
     "gthread": BenchTarget("gthread", f"gunicorn gthread ({GTHREAD_THREADS} threads)", "gunicorn"),

@@ -46,11 +46,13 @@ _NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 
 
 def run_wrk(port: int, seconds: float, connections: int, threads: int = 1,
-            close: bool = False, path: str = "/") -> WrkResult:
+            close: bool = False, path: str = "/", header: str | None = None) -> WrkResult:
     argv = [ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
             "--timeout", "10s"]
     if close:
-        argv += ["-H", "Connection: close"]
+        header = "Connection: close"
+    if header:
+        argv += ["-H", header]
     argv.append(f"http://127.0.0.1:{port}{path}")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
     rps = _RPS.search(out)

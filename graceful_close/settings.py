@@ -86,6 +86,11 @@ class Settings:
     # this long after its half-close (Apache's short linger of a dying process, 2 s), and
     # never after the server's own graceful timeout. 0: every one ends at the stop.
     stop_linger: float = 2.0
+    # ---- issue 18: which closes linger (core.closing) ----
+    # auto: not the ones a client ended itself with an explicit Connection: close, its
+    # request whole and nothing unread (no byte can meet an RST there: closed at once, as
+    # stock does); always: every close lingers. The names of nginx's lingering_close.
+    lingering_close: str = "auto"
 
     def __post_init__(self) -> None:
         _check_seconds("linger_time", self.linger_time, allow_zero=False)
@@ -97,6 +102,8 @@ class Settings:
         _check_int("max_lingering", self.max_lingering, 1, 10_000_000, "an integer from 1 to 10000000")
         _check_int("keepalive_requests", self.keepalive_requests, 0, 2**62,
                    "an integer >= 0 (0 = no cap)")
+        if self.lingering_close not in ("auto", "always"):
+            raise _fail("lingering_close", self.lingering_close, "auto or always")
         for flag in ("abort_on_timeout", "keepalive_header"):
             if not isinstance(getattr(self, flag), bool):
                 raise _fail(flag, getattr(self, flag), "true or false")
@@ -148,6 +155,8 @@ class Settings:
                 text = "true" if value else "false"
             elif isinstance(value, tuple):
                 text = json.dumps(list(value))
+            elif isinstance(value, str):
+                text = value
             else:
                 text = repr(value)
             env[ENV_PREFIX + field.name.upper()] = text
@@ -236,6 +245,8 @@ def _parse_env(name: str, raw: str) -> Any:
                             "comma-separated presets and regexes")
             return tuple(parsed)
         return tuple(part.strip() for part in text.split(",") if part.strip())
+    if name == "lingering_close":
+        return text.lower()
     if name == "linger_max_bytes" and text.lower() in {"", "none"}:
         return None
     if name in _INT_FIELDS:

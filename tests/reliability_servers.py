@@ -37,7 +37,11 @@ LINGER_TIME = 3.0
 
 
 def linger_env(**overrides: object) -> dict[str, str]:
-    env = {"LINGER_TIMEOUT": LINGER_TIMEOUT, "LINGER_TIME": LINGER_TIME, **overrides}
+    # These tests make lingering connections with clients that send Connection: close: under
+    # the default lingering_close=auto those close at once (tests/test_lingering_close_setting.py),
+    # so they run with always, which lingers on every close.
+    env = {"LINGER_TIMEOUT": LINGER_TIMEOUT, "LINGER_TIME": LINGER_TIME,
+           "LINGERING_CLOSE": "always", **overrides}
     return {f"GRACEFUL_CLOSE_{name.upper()}": str(value) for name, value in env.items()}
 
 

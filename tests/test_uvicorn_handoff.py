@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from graceful_close.engines.aio import LingeringConnection, drain_engine
+from graceful_close.engines.aio import DetachedConnections, LingeringConnection, drain_engine
 
 RESPONSE_HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
 
@@ -70,7 +70,9 @@ def test_protocol_is_freed_while_the_socket_lingers(http: str, loop_kind: str) -
         server = await loop.create_server(factory, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # HTTP/1.0: the server ends the connection (an explicit Connection: close from the
+        # client would close at once under lingering_close=auto)
+        writer.write(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
         data = b""
         while not data.endswith(b"ok"):
             chunk = await asyncio.wait_for(reader.read(65536), 5)
@@ -79,9 +81,12 @@ def test_protocol_is_freed_while_the_socket_lingers(http: str, loop_kind: str) -
         assert await asyncio.wait_for(reader.read(1), 5) == b""  # our FIN
         for _ in range(20):
             await asyncio.sleep(0.01)
-        # The client has not closed: the socket lingers, owned by the engine ...
+        # The client has not closed: the socket lingers, owned by the engine: its small drain
+        # protocol, or past DETACH_ABOVE lingering ones, detached from its transport (one
+        # stand-in in uvicorn's set for every detached one) ...
         assert drain_engine(loop).lingering == 1
-        assert [type(c) for c in state.connections] == [LingeringConnection]
+        assert [type(c) for c in state.connections] in ([LingeringConnection],
+                                                          [DetachedConnections])
         # ... and uvicorn's protocol, parser and cycle are gone.
         assert protocols and all(ref() is None for ref in protocols)
         writer.close()

@@ -21,7 +21,7 @@ import time
 import pytest
 import requests
 
-from graceful_close.diagnostics.scenarios import never_closing, trickling
+from graceful_close.diagnostics.scenarios import never_closing, old_client_request, trickling
 from graceful_close.diagnostics.wire import ConnectionEnded, ResponseReader, request_bytes
 from tests.helpers import (
     ABORT_ON_TIMEOUT,
@@ -65,11 +65,13 @@ def test_trickling_client_is_released_by_linger_time(fleet, http) -> None:
 
 
 def _open_never_closing(port: int, count: int) -> list[socket.socket]:
-    """Clients that read their whole response and the server's FIN, then sit there."""
+    """Clients that read their whole response and the server's FIN, then sit there. HTTP/1.0:
+    the server ends the connection (an explicit Connection: close from the client would be
+    closed at once under lingering_close=auto, without lingering)."""
     socks = []
     for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
+        sock.sendall(old_client_request("/", "x"))
         reader = ResponseReader(sock, time.monotonic() + 5)
         assert reader.read_response().complete
         assert reader.read_end() == "FIN"

@@ -79,7 +79,7 @@ def test_sigterm_with_lingering_connections_stays_within_the_bounds(start_server
     socks = []
     for _ in range(5):
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        sock.sendall(request_bytes("GET", "/", "x", {"Connection": "close"}))
+        sock.sendall(request_bytes("GET", "/", "x").replace(b" HTTP/1.1", b" HTTP/1.0", 1))
         reader = ResponseReader(sock, time.monotonic() + 5)
         assert reader.read_response().complete and reader.read_end() == "FIN"
         socks.append(sock)

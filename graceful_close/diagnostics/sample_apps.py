@@ -1,6 +1,6 @@
 """Sample WSGI and ASGI apps with the routes the demo, tests and benchmarks use.
 
-    GET  /                         small 200
+    GET  /[?close=1]               small 200 (close=1: Connection: close, as for /big)
     GET  /big?size=N[&close=1]     N bytes (close=1 asks for Connection: close where the server honours it)
     POST /upload?size=N            413 with an N-byte body, without reading the upload
     GET  /raise                    exception before the response: the server answers 500
@@ -83,6 +83,8 @@ async def asgi_app(scope: dict[str, Any], receive: Callable[..., Any],
         status, body = 413, _body(_size(query, 1_000_000))  # the upload itself is never read
     else:
         status, body = 200, SMALL_BODY
+        if query == "close=1":  # the server-close benchmark workload
+            headers.append((b"connection", b"close"))
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

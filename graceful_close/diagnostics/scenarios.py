@@ -228,13 +228,21 @@ def _watch_release(sock: socket.socket, result: ScenarioResult, eof_at: float, h
         time.sleep(0.02)
 
 
+def old_client_request(path: str, authority: str) -> bytes:
+    """An HTTP/1.0 GET without a Connection header: the server ends the connection after
+    answering it. Old clients are the ones that never close (the Apache FIN_WAIT_2 notes),
+    and such an implicit close lingers under lingering_close=auto too (an explicit
+    Connection: close from the client closes at once there: it sends nothing more)."""
+    return request_bytes("GET", path, authority).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+
+
 def _hold_scenario(name: str, target: Target, path: str, hold: float,
                    trickle_every: float | None, timeout: float) -> ScenarioResult:
     result = ScenarioResult(name)
     start = time.monotonic()
     sock = target.connect(timeout)
     try:
-        sock.sendall(request_bytes("GET", path, target.authority, {"Connection": "close"}))
+        sock.sendall(old_client_request(path, target.authority))
         reader = ResponseReader(sock, start + timeout)
         _read_responses(reader, result, 1)
         if result.ending.startswith("FIN"):
@@ -247,7 +255,8 @@ def _hold_scenario(name: str, target: Target, path: str, hold: float,
 
 def never_closing(target: Target, path: str = "/", hold: float = 10.0,
                   timeout: float = 30.0) -> ScenarioResult:
-    """Read the response and the server's EOF, then never close (the buggy client)."""
+    """Send an HTTP/1.0 GET, read the response and the server's EOF, then never close (the
+    buggy old client)."""
     return _hold_scenario("never_closing", target, path, hold, None, timeout)
 
 

@@ -20,6 +20,15 @@ ones from the front. linger_time is checked whenever a connection shows activity
 idle deadline. Decisions come from the sans-io core, like the other engines:
 LingerState, and the RST rule (core.linger.nothing_unacked) fed with SIOCOUTQ.
 
+Detached (issue 18): once DETACH_ABOVE connections linger with their transports, a plain
+TCP connection whose response has left the transport's buffer at the hand-off does not keep
+its transport. Its descriptor is
+duplicated, the transport aborted (no FIN, no RST: the socket lives on in the duplicate),
+and the socket goes to a PollDrainEngine with its own epoll, which the loop watches with ONE
+add_reader for all of them. A lingering socket then costs its LingerState and a small
+record, as in the sync worker, instead of a transport and a protocol. TLS connections and
+responses still flushing keep the transport path below.
+
 Plain TCP: FIN after the response, discard until EOF or a deadline, then close;
 RST on a deadline only when the transport's buffer is empty and the kernel says
 nothing is unacknowledged. TLS (no half-close): discard until the client closes
@@ -28,10 +37,14 @@ or a deadline, then close() which sends close_notify after the response.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
+import os
+import select
 import socket
 import struct
+import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, MutableSet
@@ -41,6 +54,7 @@ from ..core.counters import PROCESS_COUNTERS, Counters
 from ..core.descriptors import MAX_BATCH, DescriptorBudget
 from ..core.linger import Ending, LingerState, bytes_at_stake, nothing_unacked
 from ..settings import Settings, current_settings
+from .poll import PollDrainEngine
 from .sockets import unacked_bytes, unread_bytes
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -49,9 +63,41 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 # and sweeps are at least this far apart however many connections linger.
 SWEEP_INTERVAL = 0.1
 
+# Detach only beyond this many lingering connections on the loop (issue 18, measured):
+# detaching costs a few system calls more per close (dup, epoll registration, its own
+# wake-up), about a quarter of stock's CPU per connection on a hello-world app, and saves
+# memory (a transport per socket), which matters only when many linger at once.
+DETACH_ABOVE = 64
+
 # After a stop's limit, connections whose final close has not completed get this long
 # before they are aborted (AsyncioDrainEngine._abort_stuck_closes).
 SHUTDOWN_FORCE_GRACE = 1.0
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a transport whose socket was detached: hears its end, does nothing."""
+
+    __slots__ = ()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass
+
+
+_DETACHED = _Detached()
+
+
+class DetachedConnections:
+    """Stands, in a server's set of open connections, for every lingering socket of the
+    engine's PollDrainEngine: uvicorn's stop calls its shutdown() and waits until it
+    leaves the set (when the last detached socket has ended)."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: AsyncioDrainEngine) -> None:
+        self.engine = engine
+
+    def shutdown(self) -> None:
+        self.engine.begin_stop(self.engine.settings.linger_time)
 
 
 class LingeringConnection(asyncio.Protocol):
@@ -113,7 +159,7 @@ class LingeringConnection(asyncio.Protocol):
         count_unread=False: only what we sent counts."""
         if self.transport.get_write_buffer_size() > 0:
             return True
-        fd = _fileno(self.transport)
+        fd = fileno(self.transport)
         # TLS: no half-close, so no FIN of ours in the count.
         return fd is None or bytes_at_stake(unread_bytes(fd) if count_unread else 0,
                                             unacked_bytes(fd), fin_sent=not self.tls)
@@ -121,7 +167,7 @@ class LingeringConnection(asyncio.Protocol):
     def _safe_to_abort(self) -> bool:
         if self.transport.get_write_buffer_size() > 0:
             return False
-        fd = _fileno(self.transport)
+        fd = fileno(self.transport)
         # TLS: no half-close, so no FIN of ours in the count.
         return fd is not None and nothing_unacked(unacked_bytes(fd), fin_sent=not self.tls)
 
@@ -149,10 +195,28 @@ class AsyncioDrainEngine:
         # At stake at the stop only by bytes that had arrived but the loop had not read yet:
         # judged again at the next sweep, once it has read them.
         self._stop_recheck: list[LingeringConnection] = []
+        # Detached sockets (see the module docstring). Its epoll is made now, with the engine
+        # (at a server's first connection), not at the first linger: a descriptor that
+        # appears later would look like a leak.
+        self._detached: PollDrainEngine | None = None
+        self._detached_timer: asyncio.TimerHandle | None = None
+        self._detached_in: list[MutableSet[Any]] = []  # server sets holding the stand-in
+        self._stand_in = DetachedConnections(self)
+        self.detach = hasattr(os, "dup") and hasattr(select, "epoll")
+        if self.detach:
+            engine = self._detached = PollDrainEngine(settings, counters=counters)
+            loop.add_reader(cast(int, engine.fileno()), self._on_detached_ready)
 
     @property
     def lingering(self) -> int:
-        return len(self._lingering)
+        detached = self._detached
+        return len(self._lingering) + (detached.lingering if detached is not None else 0)
+
+    @property
+    def detached(self) -> int:
+        """Lingering sockets without a transport (not in any server's set of connections)."""
+        detached = self._detached
+        return detached.lingering if detached is not None else 0
 
     @property
     def stopping(self) -> bool:
@@ -169,6 +233,9 @@ class AsyncioDrainEngine:
         """
         if transport.is_closing():
             return  # closed already: nothing to linger on
+        if self.detach and len(self._lingering) >= DETACH_ABOVE and self._detach(
+                transport, server_connections):
+            return
         lingering = self._lingering
         while len(lingering) >= self.settings.max_lingering:
             oldest = next(iter(lingering))
@@ -203,6 +270,80 @@ class AsyncioDrainEngine:
             self._arm(conn.state.deadline)
         elif self._stop_limit is not None:
             self._rearm()
+
+    # ---- detached sockets --------------------------------------------------------------
+
+    def _detach(self, transport: asyncio.Transport,
+                server_connections: MutableSet[Any] | None) -> bool:
+        """Take the socket out of a plain TCP transport whose buffer is empty and give it to
+        the PollDrainEngine; False (nothing done) when it cannot be."""
+        if transport.get_write_buffer_size() or not transport.can_write_eof():
+            return False
+        if transport.get_extra_info("sslcontext") is not None:
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            family, kind = int(sock.family), int(sock.type)
+            fd = os.dup(sock.fileno())
+        except (OSError, ValueError, AttributeError):
+            return False
+        try:
+            owned = _socket.socket(family, kind, 0, fd)
+        except OSError:
+            os.close(fd)
+            return False
+        # The transport closes its descriptor; the socket lives on in ours (no FIN, no RST).
+        transport.set_protocol(_DETACHED)
+        transport.abort()
+        engine = self._detached
+        assert engine is not None
+        if self._stop_limit is not None and not engine.stopping:
+            engine.begin_stop(max(0.0, self._stop_limit - self.loop.time()))
+        engine.hand_off(owned)  # half-close (FIN behind the response), register, linger
+        if server_connections is not None and engine.lingering:
+            server_connections.add(self._stand_in)
+            if not any(held is server_connections for held in self._detached_in):
+                self._detached_in.append(server_connections)
+        if self._detached_timer is None and engine.lingering:
+            self._arm_detached()
+        return True
+
+    def _on_detached_ready(self) -> None:
+        engine = self._detached
+        assert engine is not None
+        engine.poll(0)
+        self._detached_changed()
+
+    def _arm_detached(self) -> None:
+        engine = self._detached
+        assert engine is not None
+        due = engine.next_deadline()
+        if due is None:
+            return
+        delay = max(SWEEP_INTERVAL, due - time.monotonic())
+        self._detached_timer = self.loop.call_later(delay, self._on_detached_timer)
+
+    def _on_detached_timer(self) -> None:
+        self._detached_timer = None
+        engine = self._detached
+        assert engine is not None
+        engine.sweep(time.monotonic())
+        self._detached_changed()
+        if engine.lingering and self._detached_timer is None:
+            self._arm_detached()
+
+    def _detached_changed(self) -> None:
+        """After detached sockets ended: the stand-in leaves the server's set once none is left."""
+        engine = self._detached
+        if engine is not None and not engine.lingering and self._detached_in:
+            for connections in self._detached_in:
+                connections.discard(self._stand_in)
+            self._detached_in.clear()
+            if self._detached_timer is not None:
+                self._detached_timer.cancel()
+                self._detached_timer = None
 
     # ---- the one timer ---------------------------------------------------------------
 
@@ -314,6 +455,9 @@ class AsyncioDrainEngine:
             assert ending is not None
             self._finish(conn, ending)
             ended += 1
+        if ended < count and self._detached is not None:
+            ended += self._detached.evict(count - ended)
+            self._detached_changed()
         return ended
 
     # ---- stop ------------------------------------------------------------------------
@@ -335,6 +479,14 @@ class AsyncioDrainEngine:
             ending = state.on_stop(now, limit, at_stake)
             if ending is not None:
                 self._finish(conn, ending)
+        if self._detached is not None:
+            self._detached.begin_stop(max(0.0, grace))
+            self._detached_changed()
+            if self._detached_timer is not None:  # deadlines moved closer
+                self._detached_timer.cancel()
+                self._detached_timer = None
+            if self._detached.lingering:
+                self._arm_detached()
         if self._stop_timer is not None:
             self._stop_timer.cancel()
         self._stop_timer = self.loop.call_at(limit, self._end_for_stop)
@@ -348,6 +500,9 @@ class AsyncioDrainEngine:
             ending = conn.state.on_shutdown()
             assert ending is not None
             self._finish(conn, ending)
+        if self._detached is not None:
+            self._detached.end_all()
+            self._detached_changed()
         self._stop_timer = self.loop.call_later(SHUTDOWN_FORCE_GRACE, self._abort_stuck_closes)
 
     def _abort_stuck_closes(self) -> None:
@@ -421,13 +576,13 @@ def nothing_at_stake(transport: asyncio.BaseTransport) -> bool:
     core.linger.bytes_at_stake). Unknown counts (no socket, not Linux) are at stake."""
     if cast(asyncio.WriteTransport, transport).get_write_buffer_size() > 0:
         return False
-    fd = _fileno(transport)
+    fd = fileno(transport)
     if fd is None:
         return False
     return not bytes_at_stake(unread_bytes(fd), unacked_bytes(fd), fin_sent=False)
 
 
-def _fileno(transport: asyncio.BaseTransport) -> int | None:
+def fileno(transport: asyncio.BaseTransport) -> int | None:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
@@ -473,4 +628,5 @@ def drain_engine(loop: asyncio.AbstractEventLoop) -> AsyncioDrainEngine:
 
 
 __all__ = ["SHUTDOWN_FORCE_GRACE", "SWEEP_INTERVAL", "AsyncioDrainEngine", "DescriptorReclaimer",
-           "LingeringConnection", "drain_engine", "nothing_at_stake"]
+           "DetachedConnections",
+           "LingeringConnection", "drain_engine", "fileno", "nothing_at_stake"]

@@ -215,6 +215,11 @@ class PollDrainEngine:
             ended += 1
         return ended
 
+    def end_all(self) -> None:
+        """A stop's limit: whatever still lingers ends now (an engine on an asyncio loop)."""
+        for entry in list(self._by_start.values()):
+            self._finish(entry, entry.state.on_shutdown())
+
     # ---- stopping ------------------------------------------------------------------
 
     def begin_stop(self, grace: float) -> None:

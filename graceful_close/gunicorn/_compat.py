@@ -233,6 +233,27 @@ def unread_over(req: Any, limit: int) -> bool:
     return False
 
 
+def request_whole(req: Any) -> bool:
+    """Reach 11 (issue 18): all of this request was received off the socket: no body or
+    its body read to the end (LengthReader at 0, ChunkedReader done), and nothing of a
+    next request buffered behind it in the unreader. Anything else (an EOF-framed body,
+    a request object of another parser) is not known to be whole: False."""
+    body = getattr(req, "body", None)
+    reader = body.reader if body is not None else None
+    if reader is None:
+        done = True
+    elif isinstance(reader, LengthReader):
+        done = reader.length == 0
+    elif isinstance(reader, ChunkedReader):
+        done = reader.parser is None
+    else:
+        return False
+    if not done:
+        return False
+    buf = getattr(getattr(req, "unreader", None), "buf", None)
+    return buf is not None and buf.getbuffer().nbytes == 0
+
+
 def poller(worker: Any) -> selectors.BaseSelector:
     """Reach 6: gthread's main-thread selector."""
     selector: selectors.BaseSelector = worker.poller

@@ -26,15 +26,17 @@ from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers import gasgi
 
 from .. import metrics
+from ..core.closing import AUTO, client_sent_close, closes_at_once
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.aio import (
     SHUTDOWN_FORCE_GRACE,
     AsyncioDrainEngine,
     DescriptorReclaimer,
     drain_engine,
+    fileno,
     nothing_at_stake,
 )
-from ..engines.sockets import descriptor_budget
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import Settings, announce, current_settings
 from ._compat import check_asgi_worker, share_asgi_parser_cache
 
@@ -57,6 +59,10 @@ class LingeringASGIProtocol(ASGIProtocol):
     _gc_decided = 0
     _gc_close = False
     _gc_reuse = False  # closed as a reusable connection: plainly, without lingering
+    _gc_refused = False  # gasgi answered an error of its own (400, 413, 431, ...): it lingers
+    _current_request: Any
+    _body_receiver: Any
+    _callback_parser: Any
     _keepalive_handle: Any
     _request_ready: Any
 
@@ -129,7 +135,8 @@ class LingeringASGIProtocol(ASGIProtocol):
         self._closed = True
         if transport.is_closing():
             return  # the peer is gone already; connection_lost() follows from the transport
-        if self._gc_reuse or (not self.worker.alive and nothing_at_stake(transport)):
+        if self._gc_reuse or (not self.worker.alive and nothing_at_stake(transport)) or (
+                self.worker.at_once and self._gc_client_ended(transport)):
             # Stopping or restarting, and no byte is at stake: close at once, as nginx
             # closes idle keep-alive connections on a stop (a plain close sends FIN).
             transport.close()
@@ -141,6 +148,29 @@ class LingeringASGIProtocol(ASGIProtocol):
         # (nr_conns, timers, disconnect to the app) as its connection_lost would, on the next
         # loop turn, when the connection task that usually called us has finished.
         self.worker.loop.call_soon(self.connection_lost, None)
+
+
+    def _gc_client_ended(self, transport: Any) -> bool:
+        """lingering_close=auto (core.closing): the client ended the connection itself with
+        an explicit Connection: close on its last request, received whole (gasgi's body
+        receiver complete), nothing fed after it held by the parser, nothing unread in the
+        socket: no byte can meet an RST, so the close need not linger. Only on a close."""
+        request, receiver, parser = self._current_request, self._body_receiver, self._callback_parser
+        if request is None or receiver is None or parser is None or self._gc_refused:
+            return False
+        if not receiver._complete or not client_sent_close(request.headers_bytes):
+            return False
+        remaining = getattr(parser, "remaining", None)
+        if remaining is None or remaining() or getattr(parser, "remaining_truncated", False):
+            return False
+        fd = fileno(transport)
+        if fd is None or transport.get_write_buffer_size():
+            return False
+        return closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
+
+    def _send_error_response(self, *args: Any, **kwargs: Any) -> None:
+        self._gc_refused = True  # the server ends this connection: it lingers
+        super()._send_error_response(*args, **kwargs)
 
 
 class KeepAliveHeaderASGIProtocol(LingeringASGIProtocol):
@@ -185,6 +215,7 @@ class ASGIWorker(gasgi.ASGIWorker):
     loop: asyncio.AbstractEventLoop
     # A coarse clock (loop.time() at the last heartbeat) for the per-request age check.
     clock = 0.0
+    at_once = False  # lingering_close=auto (issue 18, core.closing)
     _term_at: float | None = None
     # Issue 20: keeps connections within RLIMIT_NOFILE (None when it is unknown), and the
     # open connections (gasgi only counts them) whose idle ones a shortage may close.
@@ -204,6 +235,7 @@ class ASGIWorker(gasgi.ASGIWorker):
         from . import _log_to_gunicorn
 
         self.graceful_settings = current_settings()
+        self.at_once = self.graceful_settings.lingering_close == AUTO
         self.keepalive_policy = KeepAlivePolicy(self.graceful_settings)
         # The smallest override of _serve(): its protocol factory looks up the module global
         # gasgi.ASGIProtocol per connection, so rebinding it in this worker process (which

@@ -19,6 +19,7 @@ import math
 import socket
 import sys
 import time
+import weakref
 from typing import Any
 
 import gunicorn.util
@@ -26,12 +27,13 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import ggevent
 
 from .. import metrics
+from ..core.closing import AUTO, client_sent_close, closes_at_once
 from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.gevent import GeventDrainEngine, at_stake
-from ..engines.sockets import descriptor_budget
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import Settings, announce, current_settings
-from ._compat import check_gevent_worker, route_responses
+from ._compat import check_gevent_worker, request_whole, route_responses
 
 __all__ = ["GeventWorker"]
 
@@ -74,6 +76,10 @@ class GeventWorker(ggevent.GeventWorker):
     # connections whose handler runs (each holds a descriptor).
     descriptor_budget: DescriptorBudget | None = None
     _gc_connections = 0
+    # lingering_close=auto (core.closing): sockets whose client ended the connection itself
+    # with its request whole, marked by handle_request, closed at once by _close_client.
+    _at_once = False
+    _client_closed: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -87,6 +93,7 @@ class GeventWorker(ggevent.GeventWorker):
         from . import _log_to_gunicorn
 
         self.graceful_settings = current_settings()
+        self._at_once = self.graceful_settings.lingering_close == AUTO
         self.drain_engine = GeventDrainEngine(self.graceful_settings)
         self.keepalive_policy = KeepAlivePolicy(self.graceful_settings)
         self.clock = time.monotonic()
@@ -102,6 +109,14 @@ class GeventWorker(ggevent.GeventWorker):
         super().init_process()
 
     def _close_client(self, sock: socket.socket) -> None:
+        if self._client_closed and sock in self._client_closed:
+            # lingering_close=auto: the client ended the connection itself, its request
+            # whole; with nothing unread no byte can meet an RST: close as stock does.
+            self._client_closed.discard(sock)
+            fd = sock.fileno()
+            if fd >= 0 and closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd)):
+                sock.close()
+                return
         if not self.alive and not at_stake(sock, fin_sent=False):
             # Stopping or restarting, and nothing is at stake: do not make the stop wait
             # for this connection (a plain close still sends FIN).
@@ -126,7 +141,12 @@ class GeventWorker(ggevent.GeventWorker):
         elif number >= req.unreader.gc_check_at or self.clock >= req.unreader.gc_expires:
             if self._policy_closes(req):
                 req.must_close = True
-        return super().handle_request(listener_name, req, sock, addr)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except StopIteration:  # gunicorn's way of saying this response ends the connection
+            if self._at_once and client_sent_close(req.headers) and request_whole(req):
+                self._client_closed.add(sock)
+            raise
 
     def _policy_closes(self, req: Any) -> bool:
         """The full policy for this request; notes when the connection must be asked next."""

@@ -28,6 +28,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import base, gthread, sync
 
 from .. import metrics
+from ..core.closing import AUTO, client_sent_close, closes_at_once
 from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..core.linger import bytes_at_stake
@@ -48,12 +49,41 @@ _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errn
 
 # The drain engine of this worker process (one worker per process).
 _engine: PollDrainEngine | None = None
+# lingering_close=auto (core.closing): set by the worker's init_process.
+_at_once = False
 # The ThreadWorker of this process, for its responses; set by its init_process.
 _worker: ThreadWorker
 
 
+# Sockets whose last request the client ended itself with an explicit Connection: close,
+# received whole (lingering_close=auto, core.closing): their close does not linger if
+# nothing is unread by then. Marked by a worker (thread) after the response, unmarked here.
+_client_closed: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def mark_if_client_closed(req: Any, sock: socket.socket) -> None:
+    """After a response that ends the connection: mark `sock` when the client itself ended
+    it and its request was received whole (lingering_close=auto only)."""
+    if _at_once and client_sent_close(req.headers) and _compat.request_whole(req):
+        _client_closed.add(sock)
+
+
+def _nothing_pending(sock: socket.socket) -> bool:
+    """Nothing unread, and the response all acknowledged (core.closing.closes_at_once)."""
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return False
+    return fd >= 0 and closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
+
+
 def _hand_off(sock: socket.socket, *_args: Any, **_kwargs: Any) -> None:
     """Drop-in for gunicorn.util.close_graceful(sock, timeout, max_drain)."""
+    if _client_closed and sock in _client_closed:
+        _client_closed.discard(sock)
+        if _nothing_pending(sock):  # no byte can meet an RST: close as stock does
+            sock.close()
+            return
     if _engine is not None:
         _engine.hand_off(sock)
     else:  # a close before the loop started (none in gunicorn 27): nothing to linger for
@@ -101,7 +131,9 @@ class _GracefulWorker(base.Worker):
             parent(cfg, log)
 
     def init_process(self) -> None:
+        global _at_once
         self.graceful_settings = current_settings()
+        _at_once = self.graceful_settings.lingering_close == AUTO
         _compat.route_closes(_hand_off)
         _log_to_gunicorn(self.log)
         metrics.maybe_start_for_worker()
@@ -227,6 +259,10 @@ class SyncLingerWorker(_GracefulWorker, sync.SyncWorker):
                     drain.poll(left)
                 else:
                     time.sleep(left)
+
+    def handle_request(self, listener: Any, req: Any, client: socket.socket, addr: Any) -> None:
+        super().handle_request(listener, req, client, addr)
+        mark_if_client_closed(req, client)  # every sync response ends its connection
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         # Once per connection (one request each): keep room for the next accept().
@@ -444,7 +480,10 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
         conn.requests += 1
         if conn.requests >= conn.next_check or self.clock >= conn.close_after:
             self._apply_policy(req, conn)
-        return super().handle_request(req, conn)
+        keep_alive: bool = super().handle_request(req, conn)
+        if not keep_alive:
+            mark_if_client_closed(req, conn.sock)
+        return keep_alive
 
     def _apply_policy(self, req: Any, conn: _Connection) -> None:
         """The rare path: first request, a cap due, or a client whose rule needs the method."""

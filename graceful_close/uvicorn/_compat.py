@@ -215,7 +215,8 @@ def refusal(found: list[str]) -> str:
 #     calls and which it waits for; the drain engine's LingeringConnection takes the
 #     protocol's place in it.
 # P4. timeout_keep_alive_task / timeout_keep_alive / timeout_keep_alive_handler: the
-#     keep-alive timer, cancelled by every data_received() and armed by
+#     keep-alive timer, cancelled by every data_received() (its first call,
+#     _unset_keepalive_if_required(), which the mixin replaces with the same body) and armed by
 #     on_response_complete(). Armed means "idle since the last response" (a stop, or a
 #     process short of descriptors, closes such a connection at once when nothing is at
 #     stake), and we re-arm it after an early response's unread body.
@@ -227,6 +228,13 @@ def refusal(found: list[str]) -> str:
 # P6. httptools: self.pipeline, the cycles queued behind the one in flight.
 # P7. self.headers (lowercase names) and self.scope["method"] of the current request, for the
 #     User-Agent rule; handle_websocket_upgrade() hands self.transport to the WebSocket protocol.
+# P8. (issue 18, lingering_close=auto) cycle.scope["headers"] are the cycle's request headers
+#     (lowercase names) and cycle.more_body turns False once its whole body was received (no
+#     body: at once). send_400_response(msg) is the protocol's answer to a request it cannot
+#     parse, which ends the connection. What a protocol holds received and unparsed: h11's
+#     conn.trailing_data; httptools parses all it is fed (a new message makes a new
+#     self.scope in on_message_begin, a complete one a cycle in self.pipeline); zttp shows
+#     nothing, so its adapter notes data arriving after the last message was complete.
 
 
 class UvicornHTTPProtocol(asyncio.Protocol):
@@ -261,6 +269,10 @@ _PROTOCOL_SOURCE = {
     "data_received": ("self._unset_keepalive_if_required()",),
     "shutdown": ("self.transport.close()", "self.cycle.keep_alive = False"),
     "handle_websocket_upgrade": ("connection_made(self.transport)",),
+    "send_400_response": ("self.transport.close()",),
+    # replaced by the mixin's, which keeps this body
+    "_unset_keepalive_if_required": ("self.timeout_keep_alive_task.cancel()",
+                                     "self.timeout_keep_alive_task = None"),
 }
 _CYCLE_SOURCE = {
     "run_asgi": ("self.send",),
@@ -286,6 +298,10 @@ def _check_protocol(module: Any, name: str) -> list[str]:
                     found.append(f"{owner.__name__}.{method} no longer has `{needle}`")
     if name == "HttpToolsProtocol" and "self.pipeline" not in _source(protocol.on_headers_complete):
         found.append("HttpToolsProtocol no longer queues pipelined cycles in self.pipeline")
+    if name == "HttpToolsProtocol" and "self.scope = {" not in _source(protocol.on_message_begin):
+        found.append("HttpToolsProtocol.on_message_begin no longer builds a new self.scope")
+    if "more_body = False" not in _source(protocol):
+        found.append(f"{name} no longer sets cycle.more_body = False at the end of a request")
     return found
 
 

@@ -25,9 +25,10 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
+from ..core.closing import AUTO, client_sent_close, closes_at_once
 from ..core.keepalive import KeepAlivePolicy
-from ..engines.aio import DescriptorReclaimer, drain_engine, nothing_at_stake
-from ..engines.sockets import descriptor_budget
+from ..engines.aio import DescriptorReclaimer, drain_engine, fileno, nothing_at_stake
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import current_settings
 from . import _compat, lifecycle
 
@@ -47,6 +48,7 @@ class _Process:
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
     reclaimer: DescriptorReclaimer | None = None  # issue 20: None when RLIMIT_NOFILE is unknown
+    at_once = False  # lingering_close=auto (issue 18, core.closing)
 
 
 def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
@@ -57,11 +59,14 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
     settings = current_settings()
     lifecycle.first_connection(type(first))  # metrics, the start-up line if not logged yet, the stop watch
     _Process.keepalive_header = settings.keepalive_header
+    _Process.at_once = settings.lingering_close == AUTO
     budget = descriptor_budget()
     if budget is not None:
         connections = first.server_state.connections
+        engine = drain_engine(first.loop)
         _Process.reclaimer = DescriptorReclaimer(
-            drain_engine(first.loop), budget, held=connections.__len__,  # lingering ones are in the set too
+            # lingering ones with a transport are in the set; detached ones are not
+            engine, budget, held=lambda: len(connections) + engine.detached,
             close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
@@ -179,7 +184,7 @@ class LingeringCloseMixin(_Base):
     """Put it first in the bases of an asyncio protocol that closes through its transport."""
 
     __slots__ = ("_gc_transport", "_gc_done", "_gc_requests", "_gc_cap", "_gc_accepted",
-                 "_gc_age_deadline", "_gc_user_agent", "_gc_closing")
+                 "_gc_age_deadline", "_gc_user_agent", "_gc_closing", "_gc_refused", "_gc_input_after")
 
     _gc_transport: asyncio.Transport  # the real one; the protocol only sees its ClosingTransport
     _gc_done: bool  # handed off, closed at once, or lost: the protocol is done with the socket
@@ -189,6 +194,8 @@ class LingeringCloseMixin(_Base):
     _gc_age_deadline: float  # loop.time() from which the age cap ends the connection
     _gc_user_agent: bytes | None  # of the first request, when User-Agent rules are active
     _gc_closing: bool  # a response that ends the connection was decided
+    _gc_refused: bool  # the protocol answered 400 to input it could not parse
+    _gc_input_after: bool  # bytes arrived after the last request was whole (reset per request)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         policy = _Process.policy or _start_process(self)
@@ -202,6 +209,8 @@ class LingeringCloseMixin(_Base):
         self._gc_age_deadline = now + policy.max_age if policy.max_age else math.inf
         self._gc_user_agent = None
         self._gc_closing = False
+        self._gc_refused = False
+        self._gc_input_after = False
         super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
         reclaimer = _Process.reclaimer
         if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
@@ -228,11 +237,44 @@ class LingeringCloseMixin(_Base):
         protocol does its connection-lost bookkeeping now (not when the socket closes)."""
         if self._gc_done:
             return
+        if _Process.at_once and self._gc_client_ended():
+            # lingering_close=auto: no byte can meet an RST; close as stock does.
+            self._gc_transport.close()
+            self.connection_lost(None)
+            return
         reclaimer = _Process.reclaimer
         if reclaimer is not None:  # once per hand-off: near RLIMIT_NOFILE, free some
             reclaimer.check(self)
         drain_engine(self.loop).hand_off(self._gc_transport, self.server_state.connections)
         self.connection_lost(None)
+
+    def _gc_client_ended(self) -> bool:
+        """The client ended this connection itself (core.closing): its last request said
+        Connection: close explicitly and was received whole, nothing of the client's is
+        held unparsed, the socket's receive queue is empty and the response has left
+        (transport buffer empty, all acknowledged). Only on a close."""
+        cycle = self.cycle
+        if cycle is None or cycle.more_body or self._gc_closing or self._gc_refused:
+            return False
+        if not client_sent_close(cycle.scope["headers"]) or self._gc_held_input(cycle):
+            return False
+        transport = self._gc_transport
+        fd = fileno(transport)
+        if fd is None or transport.get_write_buffer_size():
+            return False
+        return closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
+
+    def _gc_held_input(self, cycle: Any) -> bool:
+        """Bytes received after `cycle`'s request (held unparsed or unserved, or dropped).
+
+        Seen here: a later request begun (a new cycle) and bytes read after the request was
+        whole. Bytes that came in the same read as the request's end are each protocol's
+        (H11Protocol, HttpToolsProtocol); zttp shows none of them."""
+        return cycle is not self.cycle or self._gc_input_after
+
+    def send_400_response(self, msg: str) -> None:
+        self._gc_refused = True  # the server ends this connection: it lingers
+        super().send_400_response(msg)  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._gc_done:
@@ -240,14 +282,29 @@ class LingeringCloseMixin(_Base):
         self._gc_done = True
         super().connection_lost(exc)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+    def _unset_keepalive_if_required(self) -> None:
+        """uvicorn's own, replaced (same body, no extra call): every data_received() starts
+        with it, so what we need to know of each read costs no frame of ours (issue 18)."""
+        task = self.timeout_keep_alive_task
+        if task is not None:
+            task.cancel()
+            self.timeout_keep_alive_task = None
+        cycle = self.cycle
+        if cycle is None or self._gc_done:
+            return
+        if not cycle.more_body:
+            # Bytes after a whole request (lingering_close=auto; reset by the next request).
+            self._gc_input_after = True
+        elif cycle.response_complete:
+            # The unread body of an early response is still arriving: uvicorn cancels the
+            # keep-alive timer on every read and re-arms it only when a response completes,
+            # so nothing would re-arm it and the connection would stay open forever.
+            self.loop.call_soon(self._gc_rearm_if_idle)
+
+    def _gc_rearm_if_idle(self) -> None:
         if self.timeout_keep_alive_task is None and not self._gc_done:
             cycle = self.cycle
             if cycle is not None and cycle.response_complete and self._gc_idle():
-                # uvicorn cancels the keep-alive timer on every read and re-arms it only when
-                # a response completes; after an early response whose unread body arrives
-                # later, nothing would re-arm it and the connection would stay open forever.
                 self.timeout_keep_alive_task = self.loop.call_later(
                     self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
@@ -275,6 +332,7 @@ class LingeringCloseMixin(_Base):
     def _gc_on_request(self, cycle: Any) -> None:
         """Once per new request cycle, before its task runs: the policy's per-request cost."""
         n = self._gc_requests = self._gc_requests + 1
+        self._gc_input_after = False
         if n == 1:
             self._gc_first_request()
         if n < self._gc_cap and self.loop.time() < self._gc_age_deadline:

@@ -33,20 +33,29 @@ from ..settings import configure, current_settings
 from . import lifecycle
 from ._mixin import ClosingTransport, LingeringCloseMixin
 
+# The stock methods our hooks wrap, called directly: cheaper than super() per request.
+_stock_h11_handle_events = h11_impl.H11Protocol.handle_events
+
 
 class H11Protocol(LingeringCloseMixin, h11_impl.H11Protocol):
     """uvicorn's h11 protocol with the lingering close and the keep-alive policy."""
 
     def handle_events(self) -> None:
         before = self.cycle
-        super().handle_events()
+        _stock_h11_handle_events(self)
         # h11 yields at most one new request per call (the next one waits, PAUSED).
         if self.cycle is not before and not self._gc_done:
             self._gc_on_request(self.cycle)
 
+    def _gc_held_input(self, cycle: Any) -> bool:
+        # h11 keeps what came after a request that ends the connection in its buffer.
+        return super()._gc_held_input(cycle) or bool(self.conn.trailing_data[0])
+
 
 if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
     from uvicorn.protocols.http import httptools_impl
+
+    _stock_on_headers_complete = httptools_impl.HttpToolsProtocol.on_headers_complete
 
     class HttpToolsProtocol(LingeringCloseMixin, httptools_impl.HttpToolsProtocol):
         """uvicorn's httptools protocol with the lingering close and the keep-alive policy."""
@@ -58,7 +67,7 @@ if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
 
         def on_headers_complete(self) -> None:
             before = self.cycle
-            super().on_headers_complete()
+            _stock_on_headers_complete(self)
             cycle = self.cycle
             if cycle is not before:  # not a WebSocket upgrade
                 if before is not None and not before.response_complete:
@@ -84,6 +93,13 @@ if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
 
         def _gc_idle(self) -> bool:
             return not self.pipeline
+
+        def _gc_held_input(self, cycle: Any) -> bool:
+            # httptools parses all it is fed: a next message began (its own scope) or is
+            # queued. Bytes after a Connection: close request in the same read are dropped
+            # by llhttp (uvicorn sets lenient_data_after_close) without a trace.
+            return (super()._gc_held_input(cycle) or self.scope is not cycle.scope
+                    or bool(self.pipeline))
 
     AutoHTTPProtocol: type[asyncio.Protocol] = HttpToolsProtocol
 else:  # pragma: no cover - without httptools

@@ -27,6 +27,8 @@ except ImportError as exc:  # zttp is an optional extra
 
 from ._mixin import LingeringCloseMixin
 
+_stock_handle_events = zttp_impl.ZttpProtocol.handle_events
+
 log = logging.getLogger("uvicorn.error")  # configured by uvicorn: the line shows in its log
 
 
@@ -35,7 +37,7 @@ class ZttpProtocol(LingeringCloseMixin, zttp_impl.ZttpProtocol):
 
     def handle_events(self, event: zttp.Event) -> None:
         before = self.cycle
-        super().handle_events(event)
+        _stock_handle_events(self, event)
         # At most one new request per call: the next waits until this response completes.
         if self.cycle is not before and not self._gc_done:
             self._gc_on_request(self.cycle)
