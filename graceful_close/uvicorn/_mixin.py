@@ -25,7 +25,9 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
+from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy
+from ..core.stopping import StopDrain, drain_window
 from ..engines.aio import DescriptorReclaimer, drain_engine, nothing_at_stake
 from ..engines.sockets import descriptor_budget
 from ..settings import current_settings
@@ -65,6 +67,47 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
             close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
+
+
+class _Drain:
+    """The stop's drain of this process (one uvicorn server per process): the window, and the
+    idle connections held open for it."""
+
+    current: StopDrain | None = None
+    held: set[LingeringCloseMixin] = set()
+    timer: asyncio.TimerHandle | None = None
+
+
+def begin_drain(loop: asyncio.AbstractEventLoop, window: float) -> StopDrain:
+    """The server's stop begins (window 0: a quick stop, nothing is held). A second call can
+    only bring the end closer."""
+    now = loop.time()
+    drain = _Drain.current
+    if drain is None:
+        drain = _Drain.current = StopDrain(window, now)
+    elif now + window < drain.ends:
+        drain.quicken(now + window)
+    else:
+        return drain
+    if _Drain.timer is not None:
+        _Drain.timer.cancel()
+    _Drain.timer = loop.call_at(drain.ends, _end_drain)
+    return drain
+
+
+def _stop_drain(protocol: LingeringCloseMixin) -> StopDrain:
+    drain = _Drain.current
+    if drain is None:
+        graceful = getattr(protocol.config, "timeout_graceful_shutdown", None)
+        drain = begin_drain(protocol.loop, drain_window(current_settings(), graceful))
+    return drain
+
+
+def _end_drain() -> None:
+    _Drain.timer = None
+    held, _Drain.held = _Drain.held, set()
+    for protocol in held:
+        protocol._gc_end_drain()
 
 
 def _drop(*_args: Any) -> None:
@@ -203,6 +246,10 @@ class LingeringCloseMixin(_Base):
         self._gc_user_agent = None
         self._gc_closing = False
         super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
+        if _Drain.current is not None:
+            # Accepted just before the server stopped listening, after it asked its
+            # connections to shut down: served once, with Connection: close.
+            self._gc_cap = 0
         reclaimer = _Process.reclaimer
         if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
             reclaimer.check(self)
@@ -255,16 +302,56 @@ class LingeringCloseMixin(_Base):
         drain_engine(self.loop).begin_stop(_shutdown_grace(self.config))
         if self._gc_done:
             return
-        if (self.cycle is None or self.timeout_keep_alive_task is not None) and nothing_at_stake(
-                self._gc_transport):
-            # Idle (no request yet, or nothing received since the last response), nothing
-            # unread and nothing unacknowledged: close at once, as stock and nginx do;
-            # lingering protects bytes in flight and there are none.
+        if self.cycle is None or self.timeout_keep_alive_task is not None:
+            # Idle: no request yet, or nothing received since the last response. Issue 16:
+            # one the client used within the drain window stays open for it, and its next
+            # request is answered with Connection: close (core.stopping); so does one with
+            # bytes arriving. The others close at once, as stock and nginx close them.
+            drain = _stop_drain(self)
+            quiet = nothing_at_stake(self._gc_transport)
+            if (not quiet and drain.window > 0) or drain.keeps_open(self._gc_last_used(),
+                                                                   self.loop.time()):
+                self._gc_hold_for_drain()
+                return
+            if quiet:
+                PROCESS_COUNTERS.count("drain_idle_closed")
+                self._gc_done = True
+                self._gc_transport.close()
+                super().connection_lost(None)
+                return
+        # Every unanswered request ends the connection and says so, the one in flight too.
+        for cycle in self._gc_unanswered():
+            if not cycle.response_complete:
+                _close_after_response(cycle)
+        super().shutdown()
+
+    # ---- the stop's drain (issue 16, core.stopping) --------------------------------
+
+    def _gc_last_used(self) -> float:
+        """When the client last used this idle connection: its last response completed
+        (uvicorn armed the keep-alive timer then), or it was accepted."""
+        timer = self.timeout_keep_alive_task
+        if timer is not None:
+            return timer.when() - self.timeout_keep_alive
+        return self._gc_accepted
+
+    def _gc_hold_for_drain(self) -> None:
+        """Stay open until the drain window ends; every request from now on takes the slow
+        path (_gc_decide), which answers it with Connection: close."""
+        self._gc_cap = 0
+        _Drain.held.add(self)
+
+    def _gc_end_drain(self) -> None:
+        """The window ended: still idle, the connection closes now (lingering when bytes are
+        at stake); busy, its response says Connection: close already."""
+        if self._gc_done or not (self.cycle is None or self.timeout_keep_alive_task is not None):
+            return
+        PROCESS_COUNTERS.count("drain_window_closed")
+        if nothing_at_stake(self._gc_transport):
             self._gc_done = True
             self._gc_transport.close()
             super().connection_lost(None)
             return
-        # Every unanswered request ends the connection and says so, the one in flight too.
         for cycle in self._gc_unanswered():
             if not cycle.response_complete:
                 _close_after_response(cycle)
@@ -298,6 +385,11 @@ class LingeringCloseMixin(_Base):
         """The slow path: a cap, the age or the User-Agent may end the connection here."""
         if self._gc_closing:  # pipelined behind the response that ends the connection
             cycle.keep_alive = False
+            return
+        if _Drain.current is not None:  # the server stops: answer, and end the connection
+            self._gc_closing = True
+            PROCESS_COUNTERS.count("drain_answered_close")
+            self._gc_say_close(cycle)
             return
         policy = _Process.policy
         assert policy is not None

@@ -5,6 +5,9 @@
   with one line and a non-zero status, `uvicorn --workers N` included (no endless respawn).
 - A quick stop (SIGINT to uvicorn; gunicorn's SIGQUIT to our UvicornWorker) ends every
   connection at once, the lingering ones and those closed by the stop itself.
+- A graceful stop drains (issue 16, core.stopping): idle connections used within the drain
+  window stay open for it and answer their next request with Connection: close. With
+  stop_delay, SIGTERM first keeps the server serving normally that long.
 - At the end of the stop the exit summary is logged, with or without open connections:
   uvicorn leaves by re-raising the stop signal, so no atexit hook would ever run.
 """
@@ -18,9 +21,10 @@ import weakref
 import uvicorn.server
 
 from .. import metrics
+from ..core.stopping import drain_window
 from ..engines.aio import drain_engine
 from ..settings import SettingsError, announce, announced, current_settings
-from . import _compat
+from . import _compat, _mixin
 
 
 def protocols_loaded() -> None:
@@ -71,12 +75,20 @@ def watch_stop(server: uvicorn.server.Server) -> None:
     if server not in _watched:
         _watched.add(server)
         _compat.around_shutdown(server, before=_before_shutdown, after=metrics.flush_at_worker_exit)
+        delay = current_settings().stop_delay
+        if delay > 0:
+            _compat.delay_stop(server, delay, logging.getLogger("uvicorn.error").info)
 
 
 def _before_shutdown(server: uvicorn.server.Server) -> None:
+    loop = asyncio.get_running_loop()
+    if _compat.stopping_quickly(server):
+        _mixin.begin_drain(loop, 0.0)  # no drain window: idle connections close at once
+    else:
+        _mixin.begin_drain(loop, drain_window(current_settings(),
+                                              server.config.timeout_graceful_shutdown))
     if _compat.stopping_quickly(server):
         # Server.shutdown() first asks every connection to shut down, which hands the idle
         # and half-received ones to the drain engine, and only then awaits: ending what
         # lingers right after that ends those too, as stock closes them at once.
-        loop = asyncio.get_running_loop()
         loop.call_soon(drain_engine(loop).begin_stop, 0.0)
