@@ -258,3 +258,100 @@ if __name__ == "__main__":
     for name in names:
         for variant in ("stock", "ours"):
             print(name, variant, pool_run(BY_NAME[name], variant, 10.0).row(), flush=True)
+
+
+# ---- the benchmark items (python -m benchmarks --items pool,nginx,stops) -----------------------
+
+CHURN_ITEMS = ("pool", "nginx", "stops")
+
+
+def run_items(items: list[str], runs: int, seconds: float, hup_every: float, servers: list[str],
+              out_dir: Path, log: Callable[[str], None] = print) -> dict[str, object]:
+    """Run the churn items, write churn_results.json and CHURN.md into out_dir."""
+    import json
+
+    results: dict[str, object] = {"seconds": seconds, "hup_every": hup_every, "runs": runs,
+                                  "command": "python -m benchmarks " + " ".join(sys.argv[1:])}
+    picked = [BY_NAME[name] for name in servers]
+    if "pool" in items:
+        pool: dict[str, dict[str, list[dict[str, object]]]] = {}
+        for run in range(runs):
+            for server in picked:
+                for variant in ("stock", "ours"):  # side by side, alternating
+                    result = pool_run(server, variant, seconds, hup_every)
+                    pool.setdefault(server.name, {}).setdefault(variant, []).append(result.as_dict())
+                    log(f"  pool run {run + 1} {server.name} {variant}: {result.row()}, "
+                        f"{result.per_second:.0f}/s")
+        results["pool"] = pool
+    if "nginx" in items:
+        nginx: dict[str, dict[str, list[dict[str, object]]]] = {}
+        for run in range(runs):
+            for server in picked:
+                for variant in ("stock", "ours"):
+                    result = nginx_run(server, variant, seconds, hup_every)
+                    nginx.setdefault(server.name, {}).setdefault(variant, []).append(result.as_dict())
+                    log(f"  nginx run {run + 1} {server.name} {variant}: 502s "
+                        f"{result.statuses.get(502, 0)} / {result.requests}, {result.row()}")
+        results["nginx"] = nginx
+    if "stops" in items:
+        stops: dict[str, dict[str, dict[str, object]]] = {}
+        for server in picked:
+            for variant in ("stock", "ours"):
+                idle = [stop_time_idle(server, variant) for _ in range(runs)]
+                active = [stop_time_active(server, variant) for _ in range(runs)]
+                stops.setdefault(server.name, {})[variant] = {
+                    "idle": [round(t, 2) for t in idle],
+                    "active": [round(t, 2) for t, _ in active],
+                    "active_failed": [r.failed for _, r in active]}
+                log(f"  stops {server.name} {variant}: idle {idle}, active {[t for t, _ in active]}")
+        results["stops"] = stops
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "churn_results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "CHURN.md").write_text(report(results))
+    return results
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def report(results: dict) -> str:
+    lines = ["# Restarts and recycles under a pooled client (issue 16)", "",
+             f"`{results['command']}`: {results['runs']} run(s), {results['seconds']:g} s per server "
+             f"and run, 2 workers, --max-requests 300 --max-requests-jitter 100 (uvicorn: "
+             f"--workers 2 --limit-max-requests 300), keep-alive timeout {KEEPALIVE} s, SIGHUP "
+             f"every {results['hup_every']:g} s. Pool: 16 persistent connections, 0-50 ms pauses, "
+             "no retries.", ""]
+    for item, title in (("pool", "Pool client: failed / requests per run"),
+                        ("nginx", "Behind nginx (keepalive 16, POST): 502s / requests per run")):
+        data = results.get(item)
+        if not data:
+            continue
+        lines += [f"## {title}", "", "| server | stock | ours | responses/s stock | responses/s ours |",
+                  "|---|---|---|---|---|"]
+        for name, variants in data.items():
+            cells = []
+            for variant in ("stock", "ours"):
+                runs = variants.get(variant, [])
+                if item == "pool":
+                    cells.append(", ".join(f"{r['failed']}/{r['requests']}" for r in runs))
+                else:
+                    cells.append(", ".join(f"{r['statuses'].get('502', 0)}/{r['requests']}"
+                                           + (f" (+{r['failed']} failed)" if r["failed"] else "")
+                                           for r in runs))
+            rates = [f"{_median([r['per_second'] for r in variants.get(v, [])] or [0]):.0f}"
+                     for v in ("stock", "ours")]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {rates[0]} | {rates[1]} |")
+        lines.append("")
+    stops = results.get("stops")
+    if stops:
+        lines += ["## Stop times (SIGTERM to exit, one worker, seconds, median of runs)", "",
+                  "| server | 3 idle clients (idle 1.5 s) stock | ours | active pool stock | ours |",
+                  "|---|---|---|---|---|"]
+        for name, variants in stops.items():
+            cells = [f"{_median(variants[v][k]):.2f}" for k in ("idle", "active") for v in ("stock", "ours")]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -115,7 +115,7 @@ async def _one_connection(host: str, port: int, request: bytes, until: float, ma
             result.connections_opened += 1
         else:
             result.requests += 1
-        assert reader is not None
+        assert reader is not None and writer is not None
         try:
             try:
                 writer.write(request)
