@@ -67,21 +67,23 @@ def stopping_quickly(server: uvicorn.server.Server) -> bool:
 # S3. Server._serve() awaits self.shutdown(sockets=...) once its main loop ends, looked up
 #     on the instance, and then returns into capture_signals, which re-raises the stop
 #     signal: with the default action the process dies there, so no atexit hook runs. The
-#     end of shutdown() is the last moment code of ours runs in a stopping uvicorn.
+#     end of shutdown() is the last moment code of ours runs in a stopping uvicorn. Until
+#     shutdown() begins, the server still listens (it closes its servers first thing).
 #     Server.shutdown() asks every connection to shut down (connection.shutdown()) before
 #     its first await, so a callback scheduled with call_soon() from before it runs after all
 #     of them.
 
 
-def around_shutdown(server: uvicorn.server.Server, before: Callable[[uvicorn.server.Server], None],
+def around_shutdown(server: uvicorn.server.Server,
+                    before: Callable[[uvicorn.server.Server], Awaitable[None]],
                     after: Callable[[], None]) -> None:
-    """Call `before(server)` as the server's shutdown begins and `after()` when it is over
-    (connections, tasks, lifespan)."""
+    """Await `before(server)` as the server's shutdown begins (it still listens then) and call
+    `after()` when it is over (connections, tasks, lifespan)."""
     stock_shutdown: Callable[..., Awaitable[None]] = server.shutdown
 
     async def shutdown(sockets: Any = None) -> None:
-        before(server)
         try:
+            await before(server)
             await stock_shutdown(sockets=sockets)
         finally:
             after()

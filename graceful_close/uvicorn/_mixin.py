@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy
-from ..core.stopping import StopDrain, drain_window
+from ..core.stopping import StopDrain
 from ..engines.aio import DescriptorReclaimer, drain_engine, nothing_at_stake
 from ..engines.sockets import descriptor_budget
 from ..settings import current_settings
@@ -70,44 +70,28 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
 
 
 class _Drain:
-    """The stop's drain of this process (one uvicorn server per process): the window, and the
-    idle connections held open for it."""
+    """The stop's drain of this process (one uvicorn server per process; lifecycle._drain):
+    the window, and the idle connections kept open for it (for the counters)."""
 
     current: StopDrain | None = None
     held: set[LingeringCloseMixin] = set()
-    timer: asyncio.TimerHandle | None = None
+
+
+# Issue 16: an idle connection with bytes arriving when uvicorn's shutdown closes the idle
+# ones is looked at again this much later: a request is served by then, with Connection: close.
+ARRIVING_GRACE = 0.1
 
 
 def begin_drain(loop: asyncio.AbstractEventLoop, window: float) -> StopDrain:
-    """The server's stop begins (window 0: a quick stop, nothing is held). A second call can
-    only bring the end closer."""
+    """The server's stop begins (window 0: a quick stop, no drain). A second call can only
+    bring the end closer."""
     now = loop.time()
     drain = _Drain.current
     if drain is None:
         drain = _Drain.current = StopDrain(window, now)
-    elif now + window < drain.ends:
-        drain.quicken(now + window)
     else:
-        return drain
-    if _Drain.timer is not None:
-        _Drain.timer.cancel()
-    _Drain.timer = loop.call_at(drain.ends, _end_drain)
+        drain.quicken(now + window)
     return drain
-
-
-def _stop_drain(protocol: LingeringCloseMixin) -> StopDrain:
-    drain = _Drain.current
-    if drain is None:
-        graceful = getattr(protocol.config, "timeout_graceful_shutdown", None)
-        drain = begin_drain(protocol.loop, drain_window(current_settings(), graceful))
-    return drain
-
-
-def _end_drain() -> None:
-    _Drain.timer = None
-    held, _Drain.held = _Drain.held, set()
-    for protocol in held:
-        protocol._gc_end_drain()
 
 
 def _drop(*_args: Any) -> None:
@@ -303,21 +287,21 @@ class LingeringCloseMixin(_Base):
         if self._gc_done:
             return
         if self.cycle is None or self.timeout_keep_alive_task is not None:
-            # Idle: no request yet, or nothing received since the last response. Issue 16:
-            # one the client used within the drain window stays open for it, and its next
-            # request is answered with Connection: close (core.stopping); so does one with
-            # bytes arriving. The others close at once, as stock and nginx close them.
-            drain = _stop_drain(self)
-            quiet = nothing_at_stake(self._gc_transport)
-            if (not quiet and drain.window > 0) or drain.keeps_open(self._gc_last_used(),
-                                                                   self.loop.time()):
-                self._gc_hold_for_drain()
-                return
-            if quiet:
-                PROCESS_COUNTERS.count("drain_idle_closed")
+            # Idle (no request yet, or nothing received since the last response); the drain,
+            # if any, is over (lifecycle._drain).
+            if nothing_at_stake(self._gc_transport):
+                # Nothing unread and nothing unacknowledged: close at once, as stock and
+                # nginx do; lingering protects bytes in flight and there are none.
+                self._gc_count_idle_close()
                 self._gc_done = True
                 self._gc_transport.close()
                 super().connection_lost(None)
+                return
+            if _Drain.current is not None and _Drain.current.window > 0:
+                # Bytes arriving: most likely a request. Served (with Connection: close)
+                # rather than read and discarded by a lingering close; judged again soon.
+                self._gc_cap = 0
+                self.loop.call_later(ARRIVING_GRACE, self._gc_end_drain)
                 return
         # Every unanswered request ends the connection and says so, the one in flight too.
         for cycle in self._gc_unanswered():
@@ -325,7 +309,34 @@ class LingeringCloseMixin(_Base):
                 _close_after_response(cycle)
         super().shutdown()
 
-    # ---- the stop's drain (issue 16, core.stopping) --------------------------------
+    # ---- the stop's drain (issue 16, core.stopping, lifecycle._drain) ---------------
+
+    def _gc_begin_drain(self, drain: StopDrain, now: float) -> None:
+        """The server's drain begins: from now on every response here says Connection: close
+        (the slow path, _gc_decide); an idle connection unused for longer than the window
+        closes now, one used within it stays open for its next request."""
+        if self._gc_done:
+            return
+        self._gc_cap = 0
+        for cycle in self._gc_unanswered():
+            if not cycle.response_complete:
+                _close_after_response(cycle)
+        if not (self.cycle is None or self.timeout_keep_alive_task is not None):
+            return  # busy: its response says Connection: close
+        if drain.keeps_open(self._gc_last_used(), now) or not nothing_at_stake(self._gc_transport):
+            _Drain.held.add(self)
+            return
+        PROCESS_COUNTERS.count("drain_idle_closed")
+        self._gc_done = True
+        self._gc_transport.close()
+        super().connection_lost(None)
+
+    def _gc_count_idle_close(self) -> None:
+        if self in _Drain.held:
+            _Drain.held.discard(self)
+            PROCESS_COUNTERS.count("drain_window_closed")
+        elif _Drain.current is not None and _Drain.current.window > 0:
+            PROCESS_COUNTERS.count("drain_idle_closed")
 
     def _gc_last_used(self) -> float:
         """When the client last used this idle connection: its last response completed
@@ -335,18 +346,12 @@ class LingeringCloseMixin(_Base):
             return timer.when() - self.timeout_keep_alive
         return self._gc_accepted
 
-    def _gc_hold_for_drain(self) -> None:
-        """Stay open until the drain window ends; every request from now on takes the slow
-        path (_gc_decide), which answers it with Connection: close."""
-        self._gc_cap = 0
-        _Drain.held.add(self)
-
     def _gc_end_drain(self) -> None:
-        """The window ended: still idle, the connection closes now (lingering when bytes are
-        at stake); busy, its response says Connection: close already."""
+        """Bytes were arriving when the stop closed idle connections: still idle now, the
+        connection closes (lingering when bytes are at stake); busy, its response says
+        Connection: close already."""
         if self._gc_done or not (self.cycle is None or self.timeout_keep_alive_task is not None):
             return
-        PROCESS_COUNTERS.count("drain_window_closed")
         if nothing_at_stake(self._gc_transport):
             self._gc_done = True
             self._gc_transport.close()

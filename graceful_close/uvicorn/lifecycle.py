@@ -80,15 +80,33 @@ def watch_stop(server: uvicorn.server.Server) -> None:
             _compat.delay_stop(server, delay, logging.getLogger("uvicorn.error").info)
 
 
-def _before_shutdown(server: uvicorn.server.Server) -> None:
+async def _before_shutdown(server: uvicorn.server.Server) -> None:
     loop = asyncio.get_running_loop()
     if _compat.stopping_quickly(server):
-        _mixin.begin_drain(loop, 0.0)  # no drain window: idle connections close at once
-    else:
-        _mixin.begin_drain(loop, drain_window(current_settings(),
-                                              server.config.timeout_graceful_shutdown))
-    if _compat.stopping_quickly(server):
+        _mixin.begin_drain(loop, 0.0)  # no drain: idle connections close at once
         # Server.shutdown() first asks every connection to shut down, which hands the idle
         # and half-received ones to the drain engine, and only then awaits: ending what
         # lingers right after that ends those too, as stock closes them at once.
         loop.call_soon(drain_engine(loop).begin_stop, 0.0)
+        return
+    await _drain(server, loop)
+
+
+async def _drain(server: uvicorn.server.Server, loop: asyncio.AbstractEventLoop) -> None:
+    """Issue 16 (core.stopping): before uvicorn's own shutdown, while the server still
+    listens, every response says Connection: close; idle connections the client used within
+    the drain window stay open (the others close now) until the window ends or none is left
+    (a new connection is served once, with Connection: close). Then uvicorn's shutdown
+    closes what is still idle and waits for the rest, as it always does."""
+    window = drain_window(current_settings(), server.config.timeout_graceful_shutdown)
+    drain = _mixin.begin_drain(loop, window)
+    connections = server.server_state.connections
+    now = loop.time()
+    for connection in list(connections):
+        if isinstance(connection, _mixin.LingeringCloseMixin):
+            connection._gc_begin_drain(drain, now)
+    while not drain.over(loop.time()) and not server.force_exit:
+        if not any(isinstance(c, _mixin.LingeringCloseMixin) for c in connections):
+            break  # nothing left to answer (lingering closes are the engine's)
+        await asyncio.sleep(min(0.05, max(0.0, drain.ends - loop.time())))
+    drain.quicken(loop.time())
