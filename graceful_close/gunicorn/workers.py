@@ -20,8 +20,10 @@ import math
 import select
 import socket
 import sys
+import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.http import wsgi as gunicorn_wsgi
@@ -71,6 +73,21 @@ def _log_to_gunicorn(gunicorn_log: Any) -> None:
         ours.addHandler(handler)
     ours.setLevel(error_log.level)
     ours.propagate = False
+
+
+def start_stop_delay(worker: Any, stop: Callable[[], None]) -> bool:
+    """stop_delay (issue 16): after SIGTERM keep serving normally this long, then `stop()`;
+    False when there is no delay. Never more than half of graceful_timeout: the arbiter
+    kills the worker graceful_timeout after its SIGTERM, and the stop itself needs the rest."""
+    delay = min(current_settings().stop_delay, float(worker.cfg.graceful_timeout) / 2)
+    if delay <= 0:
+        return False
+    worker._delaying = True
+    worker.log.info("graceful-close: SIGTERM; serving %gs more before the stop (stop_delay)", delay)
+    timer = threading.Timer(delay, stop)
+    timer.daemon = True
+    timer.start()
+    return True
 
 
 class _GracefulWorker(base.Worker):
@@ -136,6 +153,16 @@ class _GracefulWorker(base.Worker):
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful stop
         if self._term_at is None:
             self._term_at = time.monotonic()
+            if start_stop_delay(self, lambda: self._stop_now(sig, frame)):
+                return
+        elif self._delaying:
+            return  # the stop begins when stop_delay has passed
+        self._stop_now(sig, frame)
+
+    _delaying = False
+
+    def _stop_now(self, sig: int, frame: Any) -> None:
+        self._delaying = False
         super().handle_exit(sig, frame)
 
     def handle_quit(self, sig: int, frame: Any) -> None:  # SIGQUIT, SIGINT: quick stop
@@ -368,9 +395,9 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
         finally:
             self._finish_engine()
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
+    def _stop_now(self, sig: int, frame: Any) -> None:
         self.terminating = True
-        super().handle_exit(sig, frame)
+        super()._stop_now(sig, frame)
 
     def handle_quit(self, sig: int, frame: Any) -> None:
         # SIGINT/SIGQUIT end every connection at once. A pool thread blocked reading a

@@ -75,15 +75,16 @@ def stopping_quickly(server: uvicorn.server.Server) -> bool:
 
 
 def around_shutdown(server: uvicorn.server.Server,
-                    before: Callable[[uvicorn.server.Server], Awaitable[None]],
+                    before: Callable[[uvicorn.server.Server, Any], Awaitable[None]],
                     after: Callable[[], None]) -> None:
-    """Await `before(server)` as the server's shutdown begins (it still listens then) and call
-    `after()` when it is over (connections, tasks, lifespan)."""
+    """Await `before(server, sockets)` as the server's shutdown begins (it still listens then)
+    and call `after()` when it is over (connections, tasks, lifespan). `sockets`: the listening
+    sockets it was given (uvicorn --workers, gunicorn), None when it created its own."""
     stock_shutdown: Callable[..., Awaitable[None]] = server.shutdown
 
     async def shutdown(sockets: Any = None) -> None:
         try:
-            await before(server)
+            await before(server, sockets)
             await stock_shutdown(sockets=sockets)
         finally:
             after()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from typing import Any
 
 import uvicorn.server
 
@@ -80,7 +81,7 @@ def watch_stop(server: uvicorn.server.Server) -> None:
             _compat.delay_stop(server, delay, logging.getLogger("uvicorn.error").info)
 
 
-async def _before_shutdown(server: uvicorn.server.Server) -> None:
+async def _before_shutdown(server: uvicorn.server.Server, sockets: Any) -> None:
     loop = asyncio.get_running_loop()
     if _compat.stopping_quickly(server):
         _mixin.begin_drain(loop, 0.0)  # no drain: idle connections close at once
@@ -89,15 +90,22 @@ async def _before_shutdown(server: uvicorn.server.Server) -> None:
         # lingers right after that ends those too, as stock closes them at once.
         loop.call_soon(drain_engine(loop).begin_stop, 0.0)
         return
+    if not sockets:
+        # The server made its own listening sockets (uvicorn alone): nobody else accepts on
+        # them, and connections still in their backlog when they close are reset. Stop
+        # accepting first, as stock does; new clients are refused, not reset.
+        for listener in server.servers:
+            listener.close()
     await _drain(server, loop)
 
 
 async def _drain(server: uvicorn.server.Server, loop: asyncio.AbstractEventLoop) -> None:
     """Issue 16 (core.stopping): before uvicorn's own shutdown, while the server still
-    listens, every response says Connection: close; idle connections the client used within
-    the drain window stay open (the others close now) until the window ends or none is left
-    (a new connection is served once, with Connection: close). Then uvicorn's shutdown
-    closes what is still idle and waits for the rest, as it always does."""
+    listens (when its listening sockets are shared with other workers), every response says
+    Connection: close; idle connections the client used within the drain window stay open
+    (the others close now) until the window ends or none is left (a new connection is served
+    once, with Connection: close). Then uvicorn's shutdown closes what is still idle and
+    waits for the rest, as it always does."""
     window = drain_window(current_settings(), server.config.timeout_graceful_shutdown)
     drain = _mixin.begin_drain(loop, window)
     connections = server.server_state.connections
