@@ -100,14 +100,15 @@ class LingeringASGIProtocol(ASGIProtocol):
             if self._gc_policy_closes(request):
                 return True
         worker = self.worker
-        if worker.drain is not None:  # the worker stops: answer, and end the connection
-            if not (response_requires_close or request.should_close()):
-                PROCESS_COUNTERS.count("drain_answered_close")
-            return True
+        # One comparison: gc_max_requests is 0 once the worker drains (ASGIWorker.begin_drain).
         if worker.nr + 1 >= worker.gc_max_requests:
-            # This response trips --max-requests (stock gasgi's own check is switched off:
-            # see ASGIWorker.init_process): it says Connection: close and the drain begins.
-            worker.begin_drain("max_requests")
+            if worker.drain is not None:  # the worker stops: answer, and end the connection
+                if not (response_requires_close or request.should_close()):
+                    PROCESS_COUNTERS.count("drain_answered_close")
+            else:
+                # This response trips --max-requests (gasgi's own check is switched off: see
+                # ASGIWorker.init_process): it says Connection: close and the drain begins.
+                worker.begin_drain("max_requests")
             return True
         return ASGIProtocol._will_close(self, request, response_requires_close)
 
@@ -333,6 +334,7 @@ class ASGIWorker(gasgi.ASGIWorker):
             self._term_at = now
         left = self.cfg.graceful_timeout - (now - self._term_at) - 1.0
         drain = self.drain = StopDrain(drain_window(self.graceful_settings, left), now)
+        self.gc_max_requests = 0  # every response from now on: _will_close's slow path
         self._gc_held = set()
         for protocol in list(self.open_protocols):
             if not protocol._gc_idle():
