@@ -170,7 +170,7 @@ def _answer(port: int) -> bytes:
         return data.lower()
 
 
-@pytest.mark.parametrize("name", ["h11", "asgi", "gthread"])
+@pytest.mark.parametrize("name", ["h11", "uvicorn-worker", "asgi", "gthread", "gevent"])
 @pytest.mark.parametrize("variant", [
     pytest.param("stock", marks=pytest.mark.xfail(strict=True, reason="stock has no stop_delay: "
                                                    "it stops at once on SIGTERM")),

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any
 
+import gevent
 import gunicorn.util
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import ggevent
@@ -155,7 +156,7 @@ class GeventWorker(ggevent.GeventWorker):
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM
         if self._term_at is None:
             self._term_at = time.monotonic()
-            if start_stop_delay(self, lambda: self._stop_now(sig, frame)):
+            if start_stop_delay(self, lambda: self._stop_now(sig, frame), later=gevent.spawn_later):
                 return
         elif self._delaying:
             return  # the stop begins when stop_delay has passed

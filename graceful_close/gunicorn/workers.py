@@ -75,7 +75,14 @@ def _log_to_gunicorn(gunicorn_log: Any) -> None:
     ours.propagate = False
 
 
-def start_stop_delay(worker: Any, stop: Callable[[], None]) -> bool:
+def _later_in_a_thread(delay: float, call: Callable[[], None]) -> None:
+    timer = threading.Timer(delay, call)
+    timer.daemon = True
+    timer.start()
+
+
+def start_stop_delay(worker: Any, stop: Callable[[], None],
+                     later: Callable[[float, Callable[[], None]], Any] = _later_in_a_thread) -> bool:
     """stop_delay (issue 16): after SIGTERM keep serving normally this long, then `stop()`;
     False when there is no delay. Never more than half of graceful_timeout: the arbiter
     kills the worker graceful_timeout after its SIGTERM, and the stop itself needs the rest."""
@@ -84,9 +91,7 @@ def start_stop_delay(worker: Any, stop: Callable[[], None]) -> bool:
         return False
     worker._delaying = True
     worker.log.info("graceful-close: SIGTERM; serving %gs more before the stop (stop_delay)", delay)
-    timer = threading.Timer(delay, stop)
-    timer.daemon = True
-    timer.start()
+    later(delay, stop)  # a thread's timer; gevent's worker: a greenlet (signal handlers run in the hub)
     return True
 
 

@@ -77,6 +77,9 @@ def watch_stop(server: uvicorn.server.Server) -> None:
         _watched.add(server)
         _compat.around_shutdown(server, before=_before_shutdown, after=metrics.flush_at_worker_exit)
         delay = current_settings().stop_delay
+        graceful = server.config.timeout_graceful_shutdown
+        if graceful:  # the stop itself needs the rest (under gunicorn: its graceful timeout)
+            delay = min(delay, graceful / 2)
         if delay > 0:
             _compat.delay_stop(server, delay, logging.getLogger("uvicorn.error").info)
 
