@@ -216,10 +216,15 @@ def _says_close(headers: Any) -> bool:
 class ASGIWorker(gasgi.ASGIWorker):
     """gunicorn's asgi worker whose every close lingers, with the keep-alive policy.
 
-    SIGTERM: gasgi's graceful stop (it waits for open connections as stock does), then
-    what still lingers gets the rest of graceful_timeout (at most linger_time); a connection
-    with nothing at stake (aio.nothing_at_stake) is closed at once instead of lingering.
-    SIGINT/SIGQUIT: lingering connections end at once.
+    SIGTERM and --max-requests (issue 16): first the drain (begin_drain, core.stopping),
+    the worker still alive and accepting: every response says Connection: close, idle
+    connections used within drain_window stay open for their next request, the others close
+    at once. Stock gasgi instead ends its connection loop as soon as the worker is not alive,
+    even right after a response that promised keep-alive, and waits for idle connections
+    until graceful_timeout. Then gasgi's graceful stop, and what still lingers gets the rest
+    of graceful_timeout (at most linger_time); a connection with nothing at stake
+    (aio.nothing_at_stake) is closed at once instead of lingering. stop_delay: SIGTERM first
+    keeps serving normally that long. SIGINT/SIGQUIT: lingering connections end at once.
     """
 
     graceful_settings: Settings
