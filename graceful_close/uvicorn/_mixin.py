@@ -82,6 +82,13 @@ class _Drain:
 ARRIVING_GRACE = 0.1
 
 
+def end_drain() -> None:
+    """The server's shutdown is over (every connection gone): a later server in this process
+    (uvicorn.run again, tests) starts without a drain."""
+    _Drain.current = None
+    _Drain.held = set()
+
+
 def begin_drain(loop: asyncio.AbstractEventLoop, window: float) -> StopDrain:
     """The server's stop begins (window 0: a quick stop, no drain). A second call can only
     bring the end closer."""

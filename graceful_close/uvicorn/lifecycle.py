@@ -75,13 +75,18 @@ def watch_stop(server: uvicorn.server.Server) -> None:
     """Make the server's stop quick when asked, and log the summary when it is over."""
     if server not in _watched:
         _watched.add(server)
-        _compat.around_shutdown(server, before=_before_shutdown, after=metrics.flush_at_worker_exit)
+        _compat.around_shutdown(server, before=_before_shutdown, after=_after_shutdown)
         delay = current_settings().stop_delay
         graceful = server.config.timeout_graceful_shutdown
         if graceful:  # the stop itself needs the rest (under gunicorn: its graceful timeout)
             delay = min(delay, graceful / 2)
         if delay > 0:
             _compat.delay_stop(server, delay, logging.getLogger("uvicorn.error").info)
+
+
+def _after_shutdown() -> None:
+    _mixin.end_drain()
+    metrics.flush_at_worker_exit()
 
 
 async def _before_shutdown(server: uvicorn.server.Server, sockets: Any) -> None:
