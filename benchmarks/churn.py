@@ -28,6 +28,9 @@ from graceful_close.diagnostics.pool import PoolResult, run_pool
 WSGI_APP = "graceful_close.diagnostics.sample_apps:wsgi_app"
 ASGI_APP = "graceful_close.diagnostics.sample_apps:asgi_app"
 KEEPALIVE = 75  # seconds: an upstream keep-alive longer than the load balancer's idle timeout
+# gunicorn's --graceful-timeout (the tests lower it: stock UvicornWorker ignores the quick stop
+# SIGQUIT and always takes this long to end).
+GRACEFUL_TIMEOUT = 10
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class ChurnServer:
         impl = self.ours if variant == "ours" else self.stock
         if self.kind == "gunicorn":
             app = ASGI_APP if self.name in ("asgi", "uvicorn-worker") else WSGI_APP
-            args = ["--keep-alive", str(keepalive), "--graceful-timeout", "10", *extra]
+            args = ["--keep-alive", str(keepalive), "--graceful-timeout", str(GRACEFUL_TIMEOUT), *extra]
             if self.name == "gthread":
                 args += ["--threads", "8", "--worker-connections", "200"]
             if max_requests:

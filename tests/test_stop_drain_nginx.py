@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.churn import BY_NAME, NGINX, nginx_run
 
-SECONDS = 4.0
+SECONDS = 3.5
 HUP_EVERY = 1.5
 MAX_REQUESTS = 150
 STOCK_LOSES = {"asgi", "uvicorn-worker", "httptools", "h11"}

@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.churn import BY_NAME, pool_run
 
-SECONDS = 5.0
+SECONDS = 4.0
 HUP_EVERY = 2.0
 # Recycles often enough for several stops per run at the pool's ~600 requests/s.
 MAX_REQUESTS = 150
