@@ -245,6 +245,7 @@ class ASGIWorker(gasgi.ASGIWorker):
     drain: StopDrain | None = None
     gc_max_requests: int = sys.maxsize
     _gc_held: set[LingeringASGIProtocol]
+    _gc_open_at_stop: set[LingeringASGIProtocol]
     _gc_main_task: asyncio.Task[Any] | None = None
 
     @classmethod
@@ -339,8 +340,16 @@ class ASGIWorker(gasgi.ASGIWorker):
             self._term_at = now
         left = self.cfg.graceful_timeout - (now - self._term_at) - 1.0
         drain = self.drain = StopDrain(drain_window(self.graceful_settings, left), now)
+        if why != "max_requests":
+            # Accepting during the drain only helps a worker that recycles itself while the
+            # master holds the listening socket. On SIGTERM the server may be going away (the
+            # master closes its copy first): connections still in the backlog when our copy
+            # closes would be reset. Stop accepting now, as stock does; others are refused.
+            for server in self.servers:
+                server.close()
         self.gc_max_requests = 0  # every response from now on: _will_close's slow path
         self._gc_held = set()
+        self._gc_open_at_stop = set(self.open_protocols)
         for protocol in list(self.open_protocols):
             if not protocol._gc_idle():
                 continue  # busy: its response says Connection: close
@@ -357,7 +366,9 @@ class ASGIWorker(gasgi.ASGIWorker):
         if not self.alive:
             return  # a quick stop or a lost parent took over
         now = self.loop.time()
-        if drain.over(now) or not self.open_protocols:
+        # Until every connection open at the stop has been answered and closed, or the window
+        # ends; those accepted meanwhile are answered once each, with Connection: close.
+        if drain.over(now) or not self._gc_open_at_stop & self.open_protocols:
             self._end_drain()
         else:
             self.loop.call_later(min(0.05, max(0.0, drain.ends - now)), self._drain_tick)

@@ -64,6 +64,11 @@ def stopping_quickly(server: uvicorn.server.Server) -> bool:
     return signal.SIGINT in server._captured_signals
 
 
+def stopping_on_signal(server: uvicorn.server.Server) -> bool:
+    """Stopped by a signal (SIGTERM, SIGINT), not by --limit-max-requests."""
+    return bool(server._captured_signals)
+
+
 # S3. Server._serve() awaits self.shutdown(sockets=...) once its main loop ends, looked up
 #     on the instance, and then returns into capture_signals, which re-raises the stop
 #     signal: with the default action the process dies there, so no atexit hook runs. The

@@ -77,8 +77,9 @@ class _Drain:
     held: set[LingeringCloseMixin] = set()
 
 
-# Issue 16: an idle connection with bytes arriving when uvicorn's shutdown closes the idle
-# ones is looked at again this much later: a request is served by then, with Connection: close.
+# Issue 16: an idle connection with bytes arriving, or accepted less than this long ago, when
+# uvicorn's shutdown closes the idle ones after a drain is looked at again this much later: a
+# request is served by then, with Connection: close.
 ARRIVING_GRACE = 0.1
 
 
@@ -296,6 +297,13 @@ class LingeringCloseMixin(_Base):
         if self.cycle is None or self.timeout_keep_alive_task is not None:
             # Idle (no request yet, or nothing received since the last response); the drain,
             # if any, is over (lifecycle._drain).
+            drained = _Drain.current is not None and _Drain.current.window > 0
+            if drained and self.cycle is None and (
+                    self.loop.time() - self._gc_accepted < ARRIVING_GRACE):
+                # Accepted during the drain an instant ago: its first request is on its way.
+                self._gc_cap = 0
+                self.loop.call_later(ARRIVING_GRACE, self._gc_end_drain)
+                return
             if nothing_at_stake(self._gc_transport):
                 # Nothing unread and nothing unacknowledged: close at once, as stock and
                 # nginx do; lingering protects bytes in flight and there are none.
@@ -304,7 +312,7 @@ class LingeringCloseMixin(_Base):
                 self._gc_transport.close()
                 super().connection_lost(None)
                 return
-            if _Drain.current is not None and _Drain.current.window > 0:
+            if drained:
                 # Bytes arriving: most likely a request. Served (with Connection: close)
                 # rather than read and discarded by a lingering close; judged again soon.
                 self._gc_cap = 0

@@ -98,10 +98,13 @@ async def _before_shutdown(server: uvicorn.server.Server, sockets: Any) -> None:
         # lingers right after that ends those too, as stock closes them at once.
         loop.call_soon(drain_engine(loop).begin_stop, 0.0)
         return
-    if not sockets:
-        # The server made its own listening sockets (uvicorn alone): nobody else accepts on
-        # them, and connections still in their backlog when they close are reset. Stop
-        # accepting first, as stock does; new clients are refused, not reset.
+    if not sockets or _compat.stopping_on_signal(server):
+        # Accepting during the drain only helps a worker that recycles itself (--limit-max-
+        # requests, gunicorn's --max-requests) while others hold the listening socket. Under
+        # a signal the server may be going away for good (gunicorn's master closes its copy
+        # on SIGTERM), and when the server made its own sockets (uvicorn alone) nobody else
+        # holds them: connections still in the backlog when the last copy closes are reset.
+        # Stop accepting first, as stock does; new clients are refused, never reset.
         for listener in server.servers:
             listener.close()
     await _drain(server, loop)
@@ -118,11 +121,15 @@ async def _drain(server: uvicorn.server.Server, loop: asyncio.AbstractEventLoop)
     drain = _mixin.begin_drain(loop, window)
     connections = server.server_state.connections
     now = loop.time()
-    for connection in list(connections):
-        if isinstance(connection, _mixin.LingeringCloseMixin):
-            connection._gc_begin_drain(drain, now)
+    open_at_stop = [c for c in connections if isinstance(c, _mixin.LingeringCloseMixin)]
+    for connection in open_at_stop:
+        connection._gc_begin_drain(drain, now)
+    # Until every connection open at the stop has been answered and closed (a handed-off one
+    # leaves the set: lingering closes are the engine's) or the window ends. Connections
+    # accepted meanwhile are each answered once, with Connection: close, and uvicorn's
+    # shutdown waits for those.
     while not drain.over(loop.time()) and not server.force_exit:
-        if not any(isinstance(c, _mixin.LingeringCloseMixin) for c in connections):
-            break  # nothing left to answer (lingering closes are the engine's)
+        if not any(connection in connections for connection in open_at_stop):
+            break
         await asyncio.sleep(min(0.05, max(0.0, drain.ends - loop.time())))
     drain.quicken(loop.time())
