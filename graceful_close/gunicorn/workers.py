@@ -30,9 +30,11 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import base, gthread, sync
 
 from .. import metrics
+from ..core.counters import PROCESS_COUNTERS
 from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..core.linger import bytes_at_stake
+from ..core.stopping import StopDrain, drain_window
 from ..engines.poll import PollDrainEngine
 from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import Settings, announce, current_settings
@@ -403,6 +405,32 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
     def _stop_now(self, sig: int, frame: Any) -> None:
         self.terminating = True
         super()._stop_now(sig, frame)
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        """The stop's drain (issue 16, core.stopping; reach 12): stock gthread keeps every
+        kept-alive connection open for 2 s at a stop and answers a request on it with
+        Connection: close. Ours keeps those the client used within the window (drain_window,
+        at least stock's 2 s) until it ends, and closes those idle for longer at once."""
+        now = time.monotonic()
+        # Never shorter than stock's own hold (STOP_KEEPALIVE_LINGER, 2 s in gunicorn 27):
+        # with drain_window 0 only, every kept-alive connection closes at once.
+        window = current_settings().drain_window and max(
+            current_settings().drain_window, float(getattr(gthread, "STOP_KEEPALIVE_LINGER", 0.0)))
+        window = drain_window(current_settings().replace(drain_window=window),
+                              self.cfg.graceful_timeout - (now - (self._term_at or now)) - STOP_MARGIN)
+        drain = StopDrain(window, now)
+        keepalive = float(self.cfg.keepalive)
+        idle_closed = 0
+        # Oldest first: closing the front at once and capping the rest at the window's end
+        # keeps the deque sorted by timeout, as gthread needs.
+        for conn in self.keepalived_conns:
+            if drain.keeps_open(conn.timeout - keepalive, now):
+                conn.timeout = min(conn.timeout, drain.ends)
+            else:
+                conn.timeout = now
+                idle_closed += 1
+        if idle_closed:
+            PROCESS_COUNTERS.count("drain_idle_closed", idle_closed)
 
     def handle_quit(self, sig: int, frame: Any) -> None:
         # SIGINT/SIGQUIT end every connection at once. A pool thread blocked reading a
