@@ -414,8 +414,9 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
         now = time.monotonic()
         # Never shorter than stock's own hold (STOP_KEEPALIVE_LINGER, 2 s in gunicorn 27):
         # with drain_window 0 only, every kept-alive connection closes at once.
-        window = current_settings().drain_window and max(
-            current_settings().drain_window, float(getattr(gthread, "STOP_KEEPALIVE_LINGER", 0.0)))
+        stock_hold = float(getattr(gthread, "STOP_KEEPALIVE_LINGER", 0.0))
+        window = current_settings().drain_window and max(current_settings().drain_window,
+                                                         stock_hold)
         window = drain_window(current_settings().replace(drain_window=window),
                               self.cfg.graceful_timeout - (now - (self._term_at or now)) - STOP_MARGIN)
         drain = StopDrain(window, now)
@@ -424,7 +425,10 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
         # Oldest first: closing the front at once and capping the rest at the window's end
         # keeps the deque sorted by timeout, as gthread needs.
         for conn in self.keepalived_conns:
-            if drain.keeps_open(conn.timeout - keepalive, now):
+            # timeout - keepalive is its last use, unless gthread capped it already (a response
+            # completed after the worker stopped, a --max-requests stop): used just now.
+            last_used = conn.timeout - keepalive if conn.timeout > now + stock_hold else now
+            if drain.keeps_open(last_used, now):
                 conn.timeout = min(conn.timeout, drain.ends)
             else:
                 conn.timeout = now
