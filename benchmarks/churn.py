@@ -70,6 +70,7 @@ SERVERS = (
                 "graceful_close.gunicorn.UvicornWorker"),
     ChurnServer("httptools", "uvicorn", "httptools", "graceful_close.uvicorn:HttpToolsProtocol"),
     ChurnServer("h11", "uvicorn", "h11", "graceful_close.uvicorn:H11Protocol"),
+    ChurnServer("zttp", "uvicorn", "zttp", "graceful_close.uvicorn:ZttpProtocol"),
 )
 BY_NAME = {server.name: server for server in SERVERS}
 
