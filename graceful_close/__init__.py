@@ -1,4 +1,4 @@
-"""graceful-close: lingering close for gunicorn and uvicorn.
+"""graceful-close: lingering close for gunicorn, uvicorn, hypercorn and waitress.
 
 A server that closes a socket with unread client data makes the kernel send RST,
 and the client's kernel then drops response bytes it has not read yet. This

@@ -261,15 +261,17 @@ def _parse_env(name: str, raw: str) -> Any:
         return text.lower()
     if name == "linger_max_bytes" and text.lower() in {"", "none"}:
         return None
+    # Text that is not a number stays text: the field's own check then rejects it with the
+    # accepted range ("a number of seconds > 0 and <= 86400"), not a bare "a number".
     if name in _INT_FIELDS:
         try:
             return int(text)
         except ValueError:
-            raise _fail(env_name, raw, "an integer") from None
+            return raw
     try:
         return float(text)
     except ValueError:
-        raise _fail(env_name, raw, "a number") from None
+        return raw
 
 
 _warned: set[str] = set()

@@ -127,6 +127,19 @@ def test_non_integer_keepalive_requests_says_an_integer(raw):
     assert "expected an integer" in str(err.value) and "a number" not in str(err.value)
 
 
+@pytest.mark.parametrize(("name", "raw", "accepted"), [
+    ("LINGER_TIME", "abc", "a number of seconds > 0 and <= 86400"),
+    ("DRAIN_WINDOW", "soon", "a number of seconds >= 0 and <= 86400"),
+    ("KEEPALIVE_REQUESTS", "1.5", "an integer >= 0 (0 = no cap)"),
+    ("MAX_LINGERING", "lots", "an integer from 1 to 10000000"),
+])
+def test_text_that_is_no_number_gets_the_accepted_range(name, raw, accepted):
+    """Not a number at all: the one line still names the variable, the text and the range."""
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"GRACEFUL_CLOSE_" + name: raw})
+    assert str(err.value) == f"graceful-close: invalid GRACEFUL_CLOSE_{name}={raw!r}: expected {accepted}"
+
+
 def test_configure_exports_to_the_environment_for_spawned_workers(fresh_settings):
     """A spawned process sees what configure() set (uvicorn --workers uses spawn)."""
     configured = settings.configure(keepalive_requests=2, linger_timeout=1.5)

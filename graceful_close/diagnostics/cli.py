@@ -68,7 +68,8 @@ def build_parser() -> OneLineParser:
     from .probe import IDLE_MAX_DEFAULT, PROBE_LIMITS, SCENARIOS
 
     parser = OneLineParser(prog="graceful-close",
-                           description="Lingering close for gunicorn and uvicorn: diagnostics.")
+                           description="Lingering close for gunicorn, uvicorn, hypercorn and "
+                                       "waitress: diagnostics.")
     parser.add_argument("--version", action="version", version=f"graceful-close {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True

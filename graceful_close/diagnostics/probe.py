@@ -884,8 +884,14 @@ def render_report(report: ProbeReport, console: Console | None = None) -> None:
     table.add_column("evidence", overflow="fold")
     for v in report.verdicts:
         table.add_row(v.title, f"[{STATUS_STYLE[v.status]}]{status_label(v.status)}[/]",
-                      v.outcome, v.ending, evidence_text(v))
+                      v.outcome, v.ending, v.evidence)
     console.print(table)
+    # The hints go under the table, unwrapped: a class name folded inside a table cell
+    # (AutoHTTPProtoc|ol) cannot be copied into a command line.
+    for v in report.verdicts:
+        if v.hint:
+            console.print(f"{v.title}: why and what to change: {v.hint}", soft_wrap=True,
+                          highlight=False)
     style = "bold red" if report.failed else "bold green"
     console.print(f"[{style}]{summary(report)}[/]")
 
