@@ -34,15 +34,17 @@ from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H11Protocol
 
 from .. import metrics
+from ..core.closing import AUTO, closes_at_once, headers_say_close
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.aio import (
     SHUTDOWN_FORCE_GRACE,
     AsyncioDrainEngine,
     DescriptorReclaimer,
     drain_engine,
+    fileno,
     nothing_at_stake,
 )
-from ..engines.sockets import descriptor_budget
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import announce, current_settings
 from . import _compat
 
@@ -56,6 +58,7 @@ class _Process:
 
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
+    at_once = False  # lingering_close=auto (issue 18, core.closing)
     # Issue 20: the open connections, and what keeps them within RLIMIT_NOFILE (None when
     # the limit is unknown), built at the first connection, once the listeners are open.
     connections: set[GracefulTCPServer] = set()
@@ -98,6 +101,7 @@ def _policy() -> KeepAlivePolicy:
     if policy is None:
         settings = current_settings()
         _Process.keepalive_header = settings.keepalive_header
+        _Process.at_once = settings.lingering_close == AUTO
         policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
 
@@ -163,9 +167,11 @@ class GracefulH11Protocol(H11Protocol):
         self._gc_user_agent: bytes | None = None  # set only when its rules may close
         self._gc_closing = False
         self._gc_remaining: int | None = None
+        self._gc_request: h11.Request | None = None  # the last one (lingering_close=auto)
 
     async def _create_stream(self, request: h11.Request) -> None:
         self._gc_requests = served = self._gc_requests + 1
+        self._gc_request = request
         if served == 1:
             self._gc_first_request(request)
         if served >= self._gc_cap or asyncio.get_running_loop().time() >= self._gc_age_deadline:
@@ -206,25 +212,39 @@ class GracefulH11Protocol(H11Protocol):
             return event  # hypercorn's own cap: it adds Connection: close itself
         headers = event.headers
         if closing:
-            if _says_close(headers):
+            if headers_say_close(headers):
                 return event
             return dataclasses.replace(event, headers=[*headers, CLOSE])
-        if _Process.keepalive_header and not _says_close(headers):
+        if _Process.keepalive_header and not headers_say_close(headers):
             value = keep_alive_value(self.config.keep_alive_timeout,
                                      getattr(self, "_gc_remaining", None))
             return dataclasses.replace(event, headers=[*headers, (b"keep-alive", value.encode())])
         return event
 
+    def _gc_client_ended(self, reader: asyncio.StreamReader, transport: Any) -> bool:
+        """lingering_close=auto (core.closing): the client ended this connection itself with
+        an explicit Connection: close on its last request, whose body h11 received whole
+        (their state MUST_CLOSE: not SEND_BODY, not ERROR), nothing held unparsed (h11's
+        buffer, the stream reader's), nothing unread in the socket, and the response all
+        sent and acknowledged: no byte can meet an RST, so the close need not linger. Only
+        on a close. An HTTP/1.0 request without the header, a policy close (ours or
+        hypercorn's with no Connection: close from the client) and an idle timeout linger."""
+        request = self._gc_request
+        connection = self.connection
+        if request is None or self._gc_closing or connection.their_state is not h11.MUST_CLOSE:
+            return False
+        if not headers_say_close(request.headers) or connection.trailing_data[0] \
+                or _compat.reader_buffered(reader):
+            return False
+        fd = fileno(transport)
+        if fd is None or transport.get_write_buffer_size():
+            return False
+        return closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
+
     def _gc_finished(self) -> None:
         """The drain engine owns the socket: the read loop ends (see _Finished)."""
         self.connection = _FINISHED  # type: ignore[assignment]
         _compat.wake(self.can_read)
-
-
-def _says_close(headers: Any) -> bool:
-    return any(bytes(name).lower() == b"connection"
-               and any(part.strip() == b"close" for part in bytes(value).lower().split(b","))
-               for name, value in headers)
 
 
 _watched: weakref.WeakSet[Any] = weakref.WeakSet()  # worker contexts whose stop is watched
@@ -277,7 +297,8 @@ class GracefulTCPServer(TCPServer):
         """The one hand-off: the drain engine takes the transport of an HTTP/1.1 connection
         whose client is still connected; the streams and the protocol are done with it now.
         False: close as stock (HTTP/2, the client closed or reset already, a transport
-        closing already)."""
+        closing already, or under lingering_close=auto a connection the client ended itself
+        with nothing at stake: GracefulH11Protocol._gc_client_ended)."""
         protocol = getattr(getattr(self, "protocol", None), "protocol", None)
         if not isinstance(protocol, GracefulH11Protocol):
             return False
@@ -285,6 +306,8 @@ class GracefulTCPServer(TCPServer):
         transport = writer.transport
         if transport.is_closing() or _compat.reader_saw_eof(self.reader):
             return False
+        if _Process.at_once and protocol._gc_client_ended(self.reader, transport):
+            return False  # lingering_close=auto: close as stock does, at once
         stream_protocol = transport.get_protocol()
         self._gc_handed_off = True
         _Process.connections.discard(self)  # from now on the engine counts it
