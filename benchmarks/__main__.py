@@ -16,6 +16,8 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from .churn import BY_NAME as CHURN_SERVERS
+from .churn import CHURN_ITEMS, run_items
 from .correctness import measure_correctness
 from .hol import measure_hol
 from .meta import machine_meta
@@ -26,8 +28,9 @@ from .servers import TARGETS, VARIANTS, BenchTarget, server_close_args
 from .throughput import measure_throughput, reps_for
 from .wrk import ensure_wrk
 
-ITEMS = ("keepalive", "close", "server_close", "hol", "rss", "rss_paths", "census", "correctness")
-PAIR_ITEMS = ("keepalive", "close", "server_close", "hol", "correctness")  # share one pair
+ITEMS = ("keepalive", "close", "server_close", "hol", "rss", "rss_paths", "census", "correctness",
+         *CHURN_ITEMS)
+PAIR_ITEMS = ("keepalive", "close", "server_close", "hol", "correctness")  # share one stock+graceful pair
 NOFILE = 65536
 # Servers that can hold 10,000 idle keep-alive connections (gthread stops at
 # worker_connections, sync has no keep-alive): their RSS with as many idle clients
@@ -141,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="update the saved results.json with the items run now")
     parser.add_argument("--estimate", action="store_true",
                         help="print how long the selected run would take, and exit")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="runs of the pool, nginx and stops items (issue 16)")
+    parser.add_argument("--churn-seconds", type=float,
+                        help="seconds per server and run of pool and nginx (25; --quick 6)")
+    parser.add_argument("--churn-servers", default=",".join(CHURN_SERVERS),
+                        help=f"servers of pool, nginx and stops: {','.join(CHURN_SERVERS)}")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md and the chart from the saved results.json")
     args = parser.parse_args(argv)
@@ -156,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in targets if t not in TARGETS] + [i for i in items if i not in ITEMS]
     if unknown:
         parser.error(f"unknown target(s)/item(s): {', '.join(unknown)}")
+    churn_items = [i for i in items if i in CHURN_ITEMS]
+    if churn_items:  # issue 16: its own servers, runs and report (CHURN.md)
+        seconds = args.churn_seconds or (6.0 if args.quick else 25.0)
+        run_items(churn_items, args.runs, seconds, 2.0 if args.quick else 5.0,
+                  [s.strip() for s in args.churn_servers.split(",") if s.strip()], out_dir, log)
+        log(f"wrote {out_dir / 'CHURN.md'}")
+        items = [i for i in items if i not in CHURN_ITEMS]
+        if not items:
+            return 0
     plan = plan_for(args.quick, args.reps, args.loop, args.hol_reps)
     estimate = estimate_seconds(plan, targets, items)
     log(f"estimated duration: {estimate / 60:.0f} min ({estimate:.0f} s) without the runs "

@@ -91,12 +91,24 @@ class Settings:
     # request whole and nothing unread (no byte can meet an RST there: closed at once, as
     # stock does); always: every close lingers. The names of nginx's lingering_close.
     lingering_close: str = "auto"
+    # ---- issue 16: a stop that drains by answering (core.stopping) ----
+    # At a graceful stop an idle keep-alive connection the client used within drain_window
+    # stays open until the window ends, and its next request is answered with
+    # Connection: close; one idle longer closes at once. Bounded by the server's own
+    # graceful timeout. 0: every idle connection closes at the stop, as stock uvicorn does.
+    drain_window: float = 1.0
+    # Keep serving normally this long after SIGTERM before the stop (and the drain) begins,
+    # like Caddy's shutdown_delay: for orchestrators that take a pod out of the load balancer
+    # only after signalling it. 0 (off) by default.
+    stop_delay: float = 0.0
 
     def __post_init__(self) -> None:
         _check_seconds("linger_time", self.linger_time, allow_zero=False)
         _check_seconds("linger_timeout", self.linger_timeout, allow_zero=False)
         _check_seconds("keepalive_time", self.keepalive_time, allow_zero=True)
         _check_seconds("stop_linger", self.stop_linger, allow_zero=True)  # issue 20
+        _check_seconds("drain_window", self.drain_window, allow_zero=True)  # issue 16
+        _check_seconds("stop_delay", self.stop_delay, allow_zero=True)  # issue 16
         if self.linger_max_bytes is not None:
             _check_int("linger_max_bytes", self.linger_max_bytes, 1, 2**62, "None or an integer >= 1")
         _check_int("max_lingering", self.max_lingering, 1, 10_000_000, "an integer from 1 to 10000000")

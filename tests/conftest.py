@@ -41,3 +41,13 @@ def certs(tls_certs) -> tuple[Path, ssl.SSLContext]:
     """tls_certs' directory and a client context that trusts its CA."""
     certdir, ca = tls_certs
     return certdir, trusting(ca)
+
+
+@pytest.fixture(autouse=True)
+def _short_churn_graceful_timeout(monkeypatch, request):
+    """Issue 16's tests start gunicorn through benchmarks.churn: a shorter --graceful-timeout,
+    since stock UvicornWorker ignores the quick stop and always waits that long to exit."""
+    if request.module.__name__.startswith("tests.test_stop_drain"):
+        import benchmarks.churn
+
+        monkeypatch.setattr(benchmarks.churn, "GRACEFUL_TIMEOUT", 4)

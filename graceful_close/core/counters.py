@@ -33,6 +33,12 @@ class Counters:
     keepalive_cap_hits: int = 0
     keepalive_age_hits: int = 0
     user_agent_disables: int = 0
+    # issue 16, the stop's drain (core.stopping): requests answered with Connection: close
+    # on connections kept open for the drain, idle connections closed at once at the stop
+    # (unused for longer than the window), and those still idle when the window ended.
+    drain_answered_close: int = 0
+    drain_idle_closed: int = 0
+    drain_window_closed: int = 0
 
     def count(self, field: str, amount: int = 1) -> None:
         """Add to one counter, exactly, from any thread."""

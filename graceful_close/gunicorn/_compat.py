@@ -104,6 +104,10 @@ WORKER_CFG_INDEX = 5  # after self: age, ppid, sockets, app, timeout, cfg, log
 #     in the poller under its .sock) and .pending_conns (accepted, waiting for their first
 #     byte), both deques of TConn, counted in .nr_conns; murder_keepalived() is how gthread
 #     itself drops one (deque, poller, nr_conns, close).
+# 12. Issue 16, the stop's drain: gthread's run() calls self._cap_keepalive(deadline) once
+#     the worker stops, to close kept-alive connections by then (STOP_KEEPALIVE_LINGER, 2 s);
+#     TConn.set_timeout() sets conn.timeout = now + cfg.keepalive after each response, so
+#     conn.timeout - keepalive is when the connection was last used.
 
 
 def _names(code: types.CodeType) -> set[str]:
@@ -176,6 +180,10 @@ def problems() -> list[str]:
     if not (_uses(gthread.ThreadWorker.murder_keepalived, "keepalived_conns", "nr_conns", "poller")
             and _uses(gthread.ThreadWorker.murder_pending, "pending_conns")):
         found.append("gthread no longer keeps idle connections in keepalived_conns/pending_conns")
+    if not _uses(gthread.ThreadWorker.run, "_cap_keepalive") or not _uses(
+            gthread.TConn.set_timeout, "keepalive"):
+        found.append("gthread.ThreadWorker.run no longer caps kept-alive connections with "
+                     "_cap_keepalive(deadline) at a stop")
     return found
 
 

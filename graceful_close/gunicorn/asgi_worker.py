@@ -27,7 +27,9 @@ from gunicorn.workers import gasgi
 
 from .. import metrics
 from ..core.closing import AUTO, closes_at_once, headers_say_close
+from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
+from ..core.stopping import StopDrain, drain_window
 from ..engines.aio import (
     SHUTDOWN_FORCE_GRACE,
     AsyncioDrainEngine,
@@ -41,6 +43,10 @@ from ..settings import Settings, announce, current_settings
 from ._compat import check_asgi_worker, share_asgi_parser_cache
 
 __all__ = ["ASGIWorker"]
+
+# Issue 16: once the drain ends the worker stops accepting, and a connection accepted just
+# before gets this long for its first request to arrive before idle ones are closed.
+ACCEPTED_GRACE = 0.05
 
 
 class LingeringASGIProtocol(ASGIProtocol):
@@ -65,12 +71,14 @@ class LingeringASGIProtocol(ASGIProtocol):
     _callback_parser: Any
     _keepalive_handle: Any
     _request_ready: Any
+    _awaiting_request: bool
+    _keepalive: float
 
     def connection_made(self, transport: Any) -> None:
         worker = self.worker
         policy = worker.keepalive_policy
+        self._gc_accepted = worker.loop.time()
         if policy.max_age:
-            self._gc_accepted = worker.loop.time()
             self._gc_expires = worker.clock + policy.max_age
         super().connection_made(transport)
         worker.open_protocols.add(self)
@@ -97,7 +105,42 @@ class LingeringASGIProtocol(ASGIProtocol):
         if self.req_count >= self._gc_check_at or self.worker.clock >= self._gc_expires:
             if self._gc_policy_closes(request):
                 return True
+        worker = self.worker
+        # One comparison: gc_max_requests is 0 once the worker drains (ASGIWorker.begin_drain).
+        if worker.nr + 1 >= worker.gc_max_requests:
+            if worker.drain is not None:  # the worker stops: answer, and end the connection
+                if not (response_requires_close or request.should_close()):
+                    PROCESS_COUNTERS.count("drain_answered_close")
+            else:
+                # This response trips --max-requests (gasgi's own check is switched off: see
+                # ASGIWorker.init_process): it says Connection: close and the drain begins.
+                worker.begin_drain("max_requests")
+            return True
         return ASGIProtocol._will_close(self, request, response_requires_close)
+
+    # ---- the stop's drain (issue 16, core.stopping) ----------------------------------
+
+    def _gc_idle(self) -> bool:
+        """Waiting for its next request with nothing of it received or arriving (gasgi's
+        connection loop; unread bytes are a request on its way: it is served instead)."""
+        transport = self.transport
+        return (not self._closed and self._awaiting_request and not self._request_ready.is_set()
+                and transport is not None and nothing_at_stake(transport))
+
+    def _gc_last_used(self) -> float:
+        """When its last response completed (gasgi armed the keep-alive timer then), or
+        when it was accepted."""
+        handle = self._keepalive_handle
+        if handle is not None:
+            return float(handle.when()) - self._keepalive
+        return self._gc_accepted
+
+    def _gc_close_idle_now(self) -> None:
+        """Close this idle connection: plainly when nothing is at stake, else lingering."""
+        transport = self.transport
+        if transport is not None and nothing_at_stake(transport):
+            self._gc_reuse = True  # a plain close
+        self._keepalive_timeout()  # gasgi's own end of an idle connection, made early
 
     def _gc_policy_closes(self, request: Any) -> bool:
         count = self.req_count
@@ -192,10 +235,15 @@ class KeepAliveHeaderASGIProtocol(LingeringASGIProtocol):
 class ASGIWorker(gasgi.ASGIWorker):
     """gunicorn's asgi worker whose every close lingers, with the keep-alive policy.
 
-    SIGTERM: gasgi's graceful stop (it waits for open connections as stock does), then
-    what still lingers gets the rest of graceful_timeout (at most linger_time); a connection
-    with nothing at stake (aio.nothing_at_stake) is closed at once instead of lingering.
-    SIGINT/SIGQUIT: lingering connections end at once.
+    SIGTERM and --max-requests (issue 16): first the drain (begin_drain, core.stopping),
+    the worker still alive and accepting: every response says Connection: close, idle
+    connections used within drain_window stay open for their next request, the others close
+    at once. Stock gasgi instead ends its connection loop as soon as the worker is not alive,
+    even right after a response that promised keep-alive, and waits for idle connections
+    until graceful_timeout. Then gasgi's graceful stop, and what still lingers gets the rest
+    of graceful_timeout (at most linger_time); a connection with nothing at stake
+    (aio.nothing_at_stake) is closed at once instead of lingering. stop_delay: SIGTERM first
+    keeps serving normally that long. SIGINT/SIGQUIT: lingering connections end at once.
     """
 
     graceful_settings: Settings
@@ -210,6 +258,15 @@ class ASGIWorker(gasgi.ASGIWorker):
     # open connections (gasgi only counts them) whose idle ones a shortage may close.
     reclaimer: DescriptorReclaimer | None = None
     open_protocols: set[LingeringASGIProtocol]
+    # Issue 16: the stop's drain (None until a graceful stop begins); gunicorn's max_requests
+    # for this worker, which our protocol checks instead of gasgi's connection loop.
+    alive: bool
+    servers: list[Any]
+    drain: StopDrain | None = None
+    gc_max_requests: int = sys.maxsize
+    _gc_held: set[LingeringASGIProtocol]
+    _gc_open_at_stop: set[LingeringASGIProtocol]
+    _gc_main_task: asyncio.Task[Any] | None = None
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -240,6 +297,12 @@ class ASGIWorker(gasgi.ASGIWorker):
             raise SystemExit(f"graceful-close: ASGIWorker cannot run on gunicorn: {problem}")
         _log_to_gunicorn(self.log)
         metrics.maybe_start_for_worker()
+        # Issue 16: gasgi ends its connection loop as soon as the worker is not alive, even
+        # right after a response that promised keep-alive, under a pool that may be sending
+        # its next request on it. Our protocol counts max_requests instead (_will_close),
+        # and a stop drains first (begin_drain), with the worker still alive.
+        self.gc_max_requests = int(getattr(self, "max_requests"))  # noqa: B009 - untyped in gunicorn
+        setattr(self, "max_requests", sys.maxsize)  # noqa: B010
         super().init_process()  # sets up the loop, then runs the worker; returns at exit
 
     def run(self) -> None:
@@ -258,6 +321,8 @@ class ASGIWorker(gasgi.ASGIWorker):
 
     def notify(self) -> None:
         self.clock = self.loop.time()
+        if self._gc_main_task is None:  # gasgi's main loop calls notify() once a second
+            self._gc_main_task = asyncio.current_task()
         super().notify()
 
     def _close_idle(self, wanted: int, asking: Any) -> int:
@@ -274,7 +339,80 @@ class ASGIWorker(gasgi.ASGIWorker):
     def handle_exit_signal(self) -> None:  # SIGTERM
         if self._term_at is None:
             self._term_at = self.loop.time()
-        super().handle_exit_signal()
+            delay = min(self.graceful_settings.stop_delay, self.cfg.graceful_timeout / 2)
+            if delay > 0:  # keep serving normally first (stop_delay)
+                self.log.info("graceful-close: SIGTERM; serving %gs more before the stop "
+                              "(stop_delay)", delay)
+                self.loop.call_later(delay, self.begin_drain, "SIGTERM")
+                return
+        self.begin_drain("SIGTERM")
+
+    def begin_drain(self, why: str) -> None:
+        """A graceful stop begins, the worker still alive and listening: responses say
+        Connection: close from now on; idle connections used within the drain window stay
+        open for it, the others close now (core.stopping); when the window ends, or no
+        connection is left, gasgi's own stop runs."""
+        if self.drain is not None or not self.alive:
+            return
+        if why == "max_requests":
+            self.log.info("Autorestarting worker after current request.")
+        now = self.loop.time()
+        if self._term_at is None:
+            self._term_at = now
+        left = self.cfg.graceful_timeout - (now - self._term_at) - 1.0
+        drain = self.drain = StopDrain(drain_window(self.graceful_settings, left), now)
+        if why != "max_requests":
+            # Accepting during the drain only helps a worker that recycles itself while the
+            # master holds the listening socket. On SIGTERM the server may be going away (the
+            # master closes its copy first): connections still in the backlog when our copy
+            # closes would be reset. Stop accepting now, as stock does; others are refused.
+            for server in self.servers:
+                server.close()
+        self.gc_max_requests = 0  # every response from now on: _will_close's slow path
+        self._gc_held = set()
+        self._gc_open_at_stop = set(self.open_protocols)
+        for protocol in list(self.open_protocols):
+            if not protocol._gc_idle():
+                continue  # busy: its response says Connection: close
+            if drain.keeps_open(protocol._gc_last_used(), now):
+                self._gc_held.add(protocol)
+            else:
+                PROCESS_COUNTERS.count("drain_idle_closed")
+                protocol._gc_close_idle_now()
+        self._drain_tick()
+
+    def _drain_tick(self) -> None:
+        drain = self.drain
+        assert drain is not None
+        if not self.alive:
+            return  # a quick stop or a lost parent took over
+        now = self.loop.time()
+        # Until every connection open at the stop has been answered and closed, or the window
+        # ends; those accepted meanwhile are answered once each, with Connection: close.
+        if drain.over(now) or not self._gc_open_at_stop & self.open_protocols:
+            self._end_drain()
+        else:
+            self.loop.call_later(min(0.05, max(0.0, drain.ends - now)), self._drain_tick)
+
+    def _end_drain(self) -> None:
+        """The window ended (or nothing is left): stop accepting; a connection accepted just
+        before gets a moment for its request to arrive; then gasgi's stop runs."""
+        for server in self.servers:
+            server.close()
+        self.loop.call_later(ACCEPTED_GRACE, self._stop_after_drain)
+
+    def _stop_after_drain(self) -> None:
+        if not self.alive:
+            return
+        for protocol in list(self.open_protocols):
+            if protocol._gc_idle():
+                if protocol in self._gc_held:
+                    PROCESS_COUNTERS.count("drain_window_closed")
+                protocol._gc_close_idle_now()
+        self.alive = False
+        task = self._gc_main_task
+        if task is not None and not task.done():
+            task.cancel()  # wakes gasgi's main loop from its 1 s sleep: its stop begins now
 
     async def _shutdown(self) -> None:
         await super()._shutdown()

@@ -22,6 +22,7 @@ import time
 import weakref
 from typing import Any
 
+import gevent
 import gunicorn.util
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import ggevent
@@ -34,6 +35,7 @@ from ..engines.gevent import GeventDrainEngine, at_stake
 from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import Settings, announce, current_settings
 from ._compat import check_gevent_worker, request_whole, route_responses
+from .workers import start_stop_delay
 
 __all__ = ["GeventWorker"]
 
@@ -169,9 +171,19 @@ class GeventWorker(ggevent.GeventWorker):
                                else math.inf)
         return False
 
+    _delaying = False
+
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM
         if self._term_at is None:
             self._term_at = time.monotonic()
+            if start_stop_delay(self, lambda: self._stop_now(sig, frame), later=gevent.spawn_later):
+                return
+        elif self._delaying:
+            return  # the stop begins when stop_delay has passed
+        self._stop_now(sig, frame)
+
+    def _stop_now(self, sig: int, frame: Any) -> None:
+        self._delaying = False
         super().handle_exit(sig, frame)
 
     def handle_quit(self, sig: int, frame: Any) -> None:  # SIGINT, SIGQUIT

@@ -20,8 +20,10 @@ import math
 import select
 import socket
 import sys
+import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.http import wsgi as gunicorn_wsgi
@@ -29,9 +31,11 @@ from gunicorn.workers import base, gthread, sync
 
 from .. import metrics
 from ..core.closing import AUTO, closes_at_once, headers_say_close
+from ..core.counters import PROCESS_COUNTERS
 from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..core.linger import bytes_at_stake
+from ..core.stopping import StopDrain, drain_window
 from ..engines.poll import PollDrainEngine
 from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import Settings, announce, current_settings
@@ -103,6 +107,26 @@ def _log_to_gunicorn(gunicorn_log: Any) -> None:
     ours.propagate = False
 
 
+def _later_in_a_thread(delay: float, call: Callable[[], None]) -> None:
+    timer = threading.Timer(delay, call)
+    timer.daemon = True
+    timer.start()
+
+
+def start_stop_delay(worker: Any, stop: Callable[[], None],
+                     later: Callable[[float, Callable[[], None]], Any] = _later_in_a_thread) -> bool:
+    """stop_delay (issue 16): after SIGTERM keep serving normally this long, then `stop()`;
+    False when there is no delay. Never more than half of graceful_timeout: the arbiter
+    kills the worker graceful_timeout after its SIGTERM, and the stop itself needs the rest."""
+    delay = min(current_settings().stop_delay, float(worker.cfg.graceful_timeout) / 2)
+    if delay <= 0:
+        return False
+    worker._delaying = True
+    worker.log.info("graceful-close: SIGTERM; serving %gs more before the stop (stop_delay)", delay)
+    later(delay, stop)  # a thread's timer; gevent's worker: a greenlet (signal handlers run in the hub)
+    return True
+
+
 class _GracefulWorker(base.Worker):
     """Shared by both workers: checks at start-up, closes routed to the drain engine,
     and the stop within gunicorn's limits. (A base.Worker, so that super() reaches the
@@ -168,6 +192,16 @@ class _GracefulWorker(base.Worker):
     def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: graceful stop
         if self._term_at is None:
             self._term_at = time.monotonic()
+            if start_stop_delay(self, lambda: self._stop_now(sig, frame)):
+                return
+        elif self._delaying:
+            return  # the stop begins when stop_delay has passed
+        self._stop_now(sig, frame)
+
+    _delaying = False
+
+    def _stop_now(self, sig: int, frame: Any) -> None:
+        self._delaying = False
         super().handle_exit(sig, frame)
 
     def handle_quit(self, sig: int, frame: Any) -> None:  # SIGQUIT, SIGINT: quick stop
@@ -404,9 +438,39 @@ class ThreadWorker(_GracefulWorker, gthread.ThreadWorker):
         finally:
             self._finish_engine()
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
+    def _stop_now(self, sig: int, frame: Any) -> None:
         self.terminating = True
-        super().handle_exit(sig, frame)
+        super()._stop_now(sig, frame)
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        """The stop's drain (issue 16, core.stopping; reach 12): stock gthread keeps every
+        kept-alive connection open for 2 s at a stop and answers a request on it with
+        Connection: close. Ours keeps those the client used within the window (drain_window,
+        at least stock's 2 s) until it ends, and closes those idle for longer at once."""
+        now = time.monotonic()
+        # Never shorter than stock's own hold (STOP_KEEPALIVE_LINGER, 2 s in gunicorn 27):
+        # with drain_window 0 only, every kept-alive connection closes at once.
+        stock_hold = float(getattr(gthread, "STOP_KEEPALIVE_LINGER", 0.0))
+        window = current_settings().drain_window and max(current_settings().drain_window,
+                                                         stock_hold)
+        window = drain_window(current_settings().replace(drain_window=window),
+                              self.cfg.graceful_timeout - (now - (self._term_at or now)) - STOP_MARGIN)
+        drain = StopDrain(window, now)
+        keepalive = float(self.cfg.keepalive)
+        idle_closed = 0
+        # Oldest first: closing the front at once and capping the rest at the window's end
+        # keeps the deque sorted by timeout, as gthread needs.
+        for conn in self.keepalived_conns:
+            # timeout - keepalive is its last use, unless gthread capped it already (a response
+            # completed after the worker stopped, a --max-requests stop): used just now.
+            last_used = conn.timeout - keepalive if conn.timeout > now + stock_hold else now
+            if drain.keeps_open(last_used, now):
+                conn.timeout = min(conn.timeout, drain.ends)
+            else:
+                conn.timeout = now
+                idle_closed += 1
+        if idle_closed:
+            PROCESS_COUNTERS.count("drain_idle_closed", idle_closed)
 
     def handle_quit(self, sig: int, frame: Any) -> None:
         # SIGINT/SIGQUIT end every connection at once. A pool thread blocked reading a

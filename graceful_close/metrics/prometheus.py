@@ -65,6 +65,15 @@ PLAIN_COUNTERS = {
                            "Connections closed because they were older than keepalive_time."),
     "user_agent_disables": ("graceful_close_user_agent_disables",
                             "Responses without keep-alive because of the User-Agent rules."),
+    "drain_answered_close": ("graceful_close_drain_answered_close",
+                             "Requests answered with Connection: close on a connection kept open "
+                             "for a stopping server's drain window."),
+    "drain_idle_closed": ("graceful_close_drain_idle_closed",
+                          "Idle keep-alive connections closed at once at a stop (unused for "
+                          "longer than the drain window)."),
+    "drain_window_closed": ("graceful_close_drain_window_closed",
+                            "Idle keep-alive connections still open when a stop's drain window "
+                            "ended, closed then."),
 }
 ENDED_FIELDS = {reason.value: "ended_" + reason.value for reason in EndReason}
 COUNTER_FIELDS = tuple(PLAIN_COUNTERS) + tuple(ENDED_FIELDS.values())

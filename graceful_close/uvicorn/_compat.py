@@ -64,29 +64,63 @@ def stopping_quickly(server: uvicorn.server.Server) -> bool:
     return signal.SIGINT in server._captured_signals
 
 
+def stopping_on_signal(server: uvicorn.server.Server) -> bool:
+    """Stopped by a signal (SIGTERM, SIGINT), not by --limit-max-requests."""
+    return bool(server._captured_signals)
+
+
 # S3. Server._serve() awaits self.shutdown(sockets=...) once its main loop ends, looked up
 #     on the instance, and then returns into capture_signals, which re-raises the stop
 #     signal: with the default action the process dies there, so no atexit hook runs. The
-#     end of shutdown() is the last moment code of ours runs in a stopping uvicorn.
+#     end of shutdown() is the last moment code of ours runs in a stopping uvicorn. Until
+#     shutdown() begins, the server still listens (it closes its servers first thing).
 #     Server.shutdown() asks every connection to shut down (connection.shutdown()) before
 #     its first await, so a callback scheduled with call_soon() from before it runs after all
 #     of them.
 
 
-def around_shutdown(server: uvicorn.server.Server, before: Callable[[uvicorn.server.Server], None],
+def around_shutdown(server: uvicorn.server.Server,
+                    before: Callable[[uvicorn.server.Server, Any], Awaitable[None]],
                     after: Callable[[], None]) -> None:
-    """Call `before(server)` as the server's shutdown begins and `after()` when it is over
-    (connections, tasks, lifespan)."""
+    """Await `before(server, sockets)` as the server's shutdown begins (it still listens then)
+    and call `after()` when it is over (connections, tasks, lifespan). `sockets`: the listening
+    sockets it was given (uvicorn --workers, gunicorn), None when it created its own."""
     stock_shutdown: Callable[..., Awaitable[None]] = server.shutdown
 
     async def shutdown(sockets: Any = None) -> None:
-        before(server)
         try:
+            await before(server, sockets)
             await stock_shutdown(sockets=sockets)
         finally:
             after()
 
     setattr(server, "shutdown", shutdown)  # noqa: B010 - mypy forbids assigning to a method
+
+
+# S6. Server.main_loop() calls self.on_tick(counter) every 0.1 s, looked up on the instance,
+#     and stops serving when it returns True (should_exit, set by handle_exit on SIGTERM or
+#     SIGINT, or --limit-max-requests reached). stop_delay (issue 16) keeps it False a while
+#     after a SIGTERM alone.
+
+
+def delay_stop(server: uvicorn.server.Server, delay: float, log: Callable[[str], None]) -> None:
+    """After SIGTERM (not SIGINT, not --limit-max-requests) keep serving normally for `delay`
+    seconds before the stop begins."""
+    stock_on_tick: Callable[[int], Awaitable[bool]] = server.on_tick
+    stop_at: list[float] = []
+
+    async def on_tick(counter: int) -> bool:
+        should_exit = await stock_on_tick(counter)
+        if (should_exit and server.should_exit and not server.force_exit
+                and server._captured_signals == [signal.SIGTERM]):
+            now = time.monotonic()
+            if not stop_at:
+                stop_at.append(now + delay)
+                log(f"graceful-close: SIGTERM; serving {delay:g}s more before the stop (stop_delay)")
+            return now >= stop_at[0]
+        return should_exit
+
+    setattr(server, "on_tick", on_tick)  # noqa: B010 - mypy forbids assigning to a method
 
 
 # S4. uvicorn --workers N (uvicorn.supervisors.multiprocess): each worker is a spawned
@@ -176,6 +210,8 @@ def problems() -> list[str]:
         found.append("Server.capture_signals no longer installs Server.handle_exit")
     if "_captured_signals" not in _source(server_cls.__init__):
         found.append("Server has no _captured_signals")
+    if "self.on_tick(" not in _source(server_cls.main_loop):
+        found.append("Server.main_loop no longer calls self.on_tick()")
     if "self.shutdown(" not in _source(server_cls._serve):
         found.append("Server._serve no longer calls self.shutdown()")
     shutdown = _source(server_cls.shutdown)

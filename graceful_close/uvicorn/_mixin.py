@@ -26,7 +26,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from ..core.closing import AUTO, closes_at_once, headers_say_close
+from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy
+from ..core.stopping import StopDrain
 from ..engines.aio import DescriptorReclaimer, drain_engine, fileno, nothing_at_stake
 from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import current_settings
@@ -70,6 +72,39 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
             close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
+
+
+class _Drain:
+    """The stop's drain of this process (one uvicorn server per process; lifecycle._drain):
+    the window, and the idle connections kept open for it (for the counters)."""
+
+    current: StopDrain | None = None
+    held: set[LingeringCloseMixin] = set()
+
+
+# Issue 16: an idle connection with bytes arriving, or accepted less than this long ago, when
+# uvicorn's shutdown closes the idle ones after a drain is looked at again this much later: a
+# request is served by then, with Connection: close.
+ARRIVING_GRACE = 0.1
+
+
+def end_drain() -> None:
+    """The server's shutdown is over (every connection gone): a later server in this process
+    (uvicorn.run again, tests) starts without a drain."""
+    _Drain.current = None
+    _Drain.held = set()
+
+
+def begin_drain(loop: asyncio.AbstractEventLoop, window: float) -> StopDrain:
+    """The server's stop begins (window 0: a quick stop, no drain). A second call can only
+    bring the end closer."""
+    now = loop.time()
+    drain = _Drain.current
+    if drain is None:
+        drain = _Drain.current = StopDrain(window, now)
+    else:
+        drain.quicken(now + window)
+    return drain
 
 
 def _drop(*_args: Any) -> None:
@@ -202,6 +237,10 @@ class LingeringCloseMixin(_Base):
         self._gc_refused = False
         self._gc_input_after = False
         super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
+        if _Drain.current is not None:
+            # Accepted just before the server stopped listening, after it asked its
+            # connections to shut down: served once, with Connection: close.
+            self._gc_cap = 0
         reclaimer = _Process.reclaimer
         if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
             reclaimer.check(self)
@@ -302,16 +341,84 @@ class LingeringCloseMixin(_Base):
         drain_engine(self.loop).begin_stop(_shutdown_grace(self.config))
         if self._gc_done:
             return
-        if (self.cycle is None or self.timeout_keep_alive_task is not None) and nothing_at_stake(
-                self._gc_transport):
-            # Idle (no request yet, or nothing received since the last response), nothing
-            # unread and nothing unacknowledged: close at once, as stock and nginx do;
-            # lingering protects bytes in flight and there are none.
+        if self.cycle is None or self.timeout_keep_alive_task is not None:
+            # Idle (no request yet, or nothing received since the last response); the drain,
+            # if any, is over (lifecycle._drain).
+            drained = _Drain.current is not None and _Drain.current.window > 0
+            if drained and self.cycle is None and (
+                    self.loop.time() - self._gc_accepted < ARRIVING_GRACE):
+                # Accepted during the drain an instant ago: its first request is on its way.
+                self._gc_cap = 0
+                self.loop.call_later(ARRIVING_GRACE, self._gc_end_drain)
+                return
+            if nothing_at_stake(self._gc_transport):
+                # Nothing unread and nothing unacknowledged: close at once, as stock and
+                # nginx do; lingering protects bytes in flight and there are none.
+                self._gc_count_idle_close()
+                self._gc_done = True
+                self._gc_transport.close()
+                super().connection_lost(None)
+                return
+            if drained:
+                # Bytes arriving: most likely a request. Served (with Connection: close)
+                # rather than read and discarded by a lingering close; judged again soon.
+                self._gc_cap = 0
+                self.loop.call_later(ARRIVING_GRACE, self._gc_end_drain)
+                return
+        # Every unanswered request ends the connection and says so, the one in flight too.
+        for cycle in self._gc_unanswered():
+            if not cycle.response_complete:
+                _close_after_response(cycle)
+        super().shutdown()
+
+    # ---- the stop's drain (issue 16, core.stopping, lifecycle._drain) ---------------
+
+    def _gc_begin_drain(self, drain: StopDrain, now: float) -> None:
+        """The server's drain begins: from now on every response here says Connection: close
+        (the slow path, _gc_decide); an idle connection unused for longer than the window
+        closes now, one used within it stays open for its next request."""
+        if self._gc_done:
+            return
+        self._gc_cap = 0
+        for cycle in self._gc_unanswered():
+            if not cycle.response_complete:
+                _close_after_response(cycle)
+        if not (self.cycle is None or self.timeout_keep_alive_task is not None):
+            return  # busy: its response says Connection: close
+        if drain.keeps_open(self._gc_last_used(), now) or not nothing_at_stake(self._gc_transport):
+            _Drain.held.add(self)
+            return
+        PROCESS_COUNTERS.count("drain_idle_closed")
+        self._gc_done = True
+        self._gc_transport.close()
+        super().connection_lost(None)
+
+    def _gc_count_idle_close(self) -> None:
+        if self in _Drain.held:
+            _Drain.held.discard(self)
+            PROCESS_COUNTERS.count("drain_window_closed")
+        elif _Drain.current is not None and _Drain.current.window > 0:
+            PROCESS_COUNTERS.count("drain_idle_closed")
+
+    def _gc_last_used(self) -> float:
+        """When the client last used this idle connection: its last response completed
+        (uvicorn armed the keep-alive timer then), or it was accepted."""
+        timer = self.timeout_keep_alive_task
+        if timer is not None:
+            return timer.when() - self.timeout_keep_alive
+        return self._gc_accepted
+
+    def _gc_end_drain(self) -> None:
+        """Bytes were arriving when the stop closed idle connections: still idle now, the
+        connection closes (lingering when bytes are at stake); busy, its response says
+        Connection: close already."""
+        if self._gc_done or not (self.cycle is None or self.timeout_keep_alive_task is not None):
+            return
+        if nothing_at_stake(self._gc_transport):
             self._gc_done = True
             self._gc_transport.close()
             super().connection_lost(None)
             return
-        # Every unanswered request ends the connection and says so, the one in flight too.
         for cycle in self._gc_unanswered():
             if not cycle.response_complete:
                 _close_after_response(cycle)
@@ -346,6 +453,11 @@ class LingeringCloseMixin(_Base):
         """The slow path: a cap, the age or the User-Agent may end the connection here."""
         if self._gc_closing:  # pipelined behind the response that ends the connection
             cycle.keep_alive = False
+            return
+        if _Drain.current is not None:  # the server stops: answer, and end the connection
+            self._gc_closing = True
+            PROCESS_COUNTERS.count("drain_answered_close")
+            self._gc_say_close(cycle)
             return
         policy = _Process.policy
         assert policy is not None

@@ -7,7 +7,8 @@ Built on the `uvicorn-worker` package's UvicornWorker. What changes:
 - the protocol: graceful_close.uvicorn's (httptools when installed, else h11);
 - settings and the uvicorn/uvicorn-worker internals we rely on (graceful_close.uvicorn._compat)
   are checked in gunicorn's master: one line and no worker boots if either is wrong;
-- uvicorn's stop is bounded inside gunicorn's --graceful-timeout;
+- uvicorn's stop is bounded inside gunicorn's --graceful-timeout, and drains first while the
+  worker still accepts on gunicorn's shared socket (issue 16, graceful_close.uvicorn.lifecycle);
 - SIGQUIT (gunicorn's quick stop, which SIGINT to the master sends) stops uvicorn at once:
   lingering connections and half-received requests end now. Stock ignored it until SIGKILL;
 - the counters are flushed (snapshot, summary line) when the worker exits.
