@@ -35,7 +35,9 @@ from hypercorn.protocol.h11 import H11Protocol
 
 from .. import metrics
 from ..core.closing import AUTO, closes_at_once, headers_say_close
+from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
+from ..core.stopping import StopDrain, drain_window
 from ..engines.aio import (
     SHUTDOWN_FORCE_GRACE,
     AsyncioDrainEngine,
@@ -49,6 +51,9 @@ from ..settings import announce, current_settings
 from . import _compat
 
 ENTRY = "hypercorn -c python:graceful_close.hypercorn"
+# Issue 16: how often a connection kept open for the stop's drain looks whether it is still
+# idle (a request on it ends the wait: hypercorn serves it with Connection: close).
+DRAIN_POLL = 0.05
 CLOSE = (b"connection", b"close")
 _NO_CAP = 2**62
 
@@ -64,6 +69,13 @@ class _Process:
     connections: set[GracefulTCPServer] = set()
     reclaimer: DescriptorReclaimer | None = None
     reclaimer_loop: asyncio.AbstractEventLoop | None = None
+
+
+class _Drain:
+    """The stop's drain of this worker process (issue 16, core.stopping), begun when hypercorn's
+    worker context is `terminated`; None before the stop."""
+
+    current: StopDrain | None = None
 
 
 def _reclaimer(loop: asyncio.AbstractEventLoop) -> DescriptorReclaimer | None:
@@ -168,13 +180,17 @@ class GracefulH11Protocol(H11Protocol):
         self._gc_closing = False
         self._gc_remaining: int | None = None
         self._gc_request: h11.Request | None = None  # the last one (lingering_close=auto)
+        self._gc_last_used = now  # the start of the last request, or the accept (issue 16)
 
     async def _create_stream(self, request: h11.Request) -> None:
         self._gc_requests = served = self._gc_requests + 1
         self._gc_request = request
         if served == 1:
             self._gc_first_request(request)
-        if served >= self._gc_cap or asyncio.get_running_loop().time() >= self._gc_age_deadline:
+        # The clock read the age cap needs anyway, kept: when the stop's drain comes, how
+        # recently the client used this connection (hypercorn keeps no time of its own).
+        self._gc_last_used = now = asyncio.get_running_loop().time()
+        if served >= self._gc_cap or now >= self._gc_age_deadline:
             self._gc_decide(served, request.method)
         await super()._create_stream(request)
 
@@ -212,6 +228,9 @@ class GracefulH11Protocol(H11Protocol):
             return event  # hypercorn's own cap: it adds Connection: close itself
         headers = event.headers
         if closing:
+            drain = _Drain.current
+            if drain is not None and drain.window > 0 and not self._gc_closing:
+                PROCESS_COUNTERS.count("drain_answered_close")  # issue 16
             if headers_say_close(headers):
                 return event
             return dataclasses.replace(event, headers=[*headers, CLOSE])
@@ -255,6 +274,7 @@ class GracefulTCPServer(TCPServer):
     """One connection of hypercorn's asyncio worker, whose HTTP/1.1 close lingers."""
 
     _gc_handed_off = False
+    _gc_drain_wait: asyncio.Task[None] | None = None  # issue 16: kept open for the drain
 
     async def run(self) -> None:
         context = self.context
@@ -271,6 +291,8 @@ class GracefulTCPServer(TCPServer):
             _Process.connections.discard(self)
 
     async def _close(self) -> None:
+        if self._gc_keep_for_drain():
+            return
         if self._gc_handed_off or self._gc_hand_off():
             await self.idle_task.stop()
             return
@@ -288,10 +310,58 @@ class GracefulTCPServer(TCPServer):
         if not self._gc_hand_off():
             self.writer.close()
 
+    def _gc_keep_for_drain(self) -> bool:
+        """Issue 16: at the stop hypercorn closes a connection right after its response, even
+        one whose headers went out before the stop began and so promised keep-alive: the
+        client may send its next request at that very moment and get no answer. Such a
+        connection (both sides of h11 DONE: nobody said close) is kept open for the drain
+        instead, as an idle one is (_gc_close_idle_at_stop); its next request is served with
+        Connection: close. Only on a close."""
+        if self._gc_drain_wait is not None or not self.context.terminated.is_set():
+            return False
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        if not isinstance(protocol, GracefulH11Protocol):
+            return False
+        connection = protocol.connection
+        if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+            return False
+        if self.writer.transport.is_closing() or _compat.reader_saw_eof(self.reader):
+            return False
+        connection.start_next_cycle()  # what hypercorn does between keep-alive requests
+        self._gc_drain_wait = self.loop.create_task(self._gc_close_idle_at_stop())
+        return True
+
     async def _gc_close_idle_at_stop(self) -> None:
-        """The stop closes an idle connection as stock does: at once (the stop rule's "nothing
-        at stake"); the place for a drain of idle connections at the stop (issue 16)."""
-        await super()._initiate_server_close()
+        """Issue 16 (core.stopping): the stop began and this connection is idle. Used by its
+        client within the drain window (its last request began, or it was accepted, less than
+        the window ago), it stays open until the window ends: a request arriving on it is
+        served, with Connection: close (GracefulH11Protocol._gc_response), and the connection
+        then closes as any other. Unused for longer, or still idle when the window ends, it
+        closes now: at once with nothing at stake (as stock closes it), else lingering.
+        HTTP/2 connections close as stock."""
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        if not isinstance(protocol, GracefulH11Protocol):
+            await super()._initiate_server_close()
+            return
+        loop = self.loop
+        drain = _begin_drain(loop, self.config)
+        if drain.keeps_open(protocol._gc_last_used, loop.time()):
+            while not drain.over(loop.time()):
+                await asyncio.sleep(min(DRAIN_POLL, max(0.0, drain.ends - loop.time())))
+                if self._gc_handed_off or self.writer.transport.is_closing() \
+                        or _compat.reader_saw_eof(self.reader):
+                    return  # closed meanwhile: answered with Connection: close, or by the client
+                if protocol.connection.their_state is not h11.IDLE:
+                    return  # a request came: hypercorn serves it with Connection: close, then closes
+            PROCESS_COUNTERS.count("drain_window_closed")
+        elif drain.window > 0:
+            PROCESS_COUNTERS.count("drain_idle_closed")
+        if nothing_at_stake(self.writer.transport):
+            await super()._initiate_server_close()
+            return
+        await self.protocol.handle(Closed())
+        if not self._gc_hand_off():
+            self.writer.close()
 
     def _gc_hand_off(self) -> bool:
         """The one hand-off: the drain engine takes the transport of an HTTP/1.1 connection
@@ -323,7 +393,19 @@ class GracefulTCPServer(TCPServer):
 
 async def _gc_watch_stop(loop: asyncio.AbstractEventLoop, config: Config, context: Any) -> None:
     await context.terminated.wait()
+    # The drain (issue 16) before the stop rule: hypercorn's idle-connection timers see the
+    # same `terminated` and call _gc_close_idle_at_stop on the next loop turns.
+    _begin_drain(loop, config)
     _gc_begin_stop(drain_engine(loop), config)
+
+
+def _begin_drain(loop: asyncio.AbstractEventLoop, config: Config) -> StopDrain:
+    """The stop's drain, once per stop: settings.drain_window within hypercorn's graceful_timeout."""
+    drain = _Drain.current
+    if drain is None:
+        window = drain_window(current_settings(), float(config.graceful_timeout))
+        drain = _Drain.current = StopDrain(window, loop.time())
+    return drain
 
 
 def _gc_begin_stop(engine: AsyncioDrainEngine, config: Config) -> None:
@@ -367,6 +449,7 @@ async def worker_serve(app: Any, config: Config, *, sockets: Any = None,
             if task.get_loop() is loop:
                 task.cancel()
                 _stop_watches.discard(task)
+        _Drain.current = None  # a later serve() in this process starts without a drain
         metrics.flush_at_worker_exit()
 
 
