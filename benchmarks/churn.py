@@ -22,7 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from graceful_close.diagnostics.launch import ServerProcess, gunicorn_server, uvicorn_server
+from graceful_close.diagnostics.launch import (
+    ServerProcess,
+    gunicorn_server,
+    hypercorn_server,
+    uvicorn_server,
+)
 from graceful_close.diagnostics.pool import PoolResult, run_pool
 
 WSGI_APP = "graceful_close.diagnostics.sample_apps:wsgi_app"
@@ -38,7 +43,7 @@ class ChurnServer:
     """One server we support, stock or ours, set up to recycle its workers."""
 
     name: str
-    kind: str          # gunicorn or uvicorn
+    kind: str          # gunicorn, uvicorn or hypercorn
     stock: str         # worker class / --http value
     ours: str
 
@@ -54,6 +59,12 @@ class ChurnServer:
             if max_requests:
                 args += ["--max-requests", str(max_requests), "--max-requests-jitter", str(jitter)]
             return gunicorn_server(app, impl, args, env=env, workers=workers)
+        if self.kind == "hypercorn":  # ours through its config module; SIGHUP: its parent's reload
+            args = ["--keep-alive", str(keepalive), "--graceful-timeout", str(GRACEFUL_TIMEOUT),
+                    "--workers", str(workers), *extra]
+            if max_requests:
+                args += ["--max-requests", str(max_requests), "--max-requests-jitter", str(jitter)]
+            return hypercorn_server(ASGI_APP, variant == "ours", args=args, env=env)
         args = ["--timeout-keep-alive", str(keepalive), *extra]
         if workers > 1:
             args += ["--workers", str(workers)]
@@ -71,6 +82,7 @@ SERVERS = (
     ChurnServer("httptools", "uvicorn", "httptools", "graceful_close.uvicorn:HttpToolsProtocol"),
     ChurnServer("h11", "uvicorn", "h11", "graceful_close.uvicorn:H11Protocol"),
     ChurnServer("zttp", "uvicorn", "zttp", "graceful_close.uvicorn:ZttpProtocol"),
+    ChurnServer("hypercorn", "hypercorn", "asyncio", "python:graceful_close.hypercorn"),
 )
 BY_NAME = {server.name: server for server in SERVERS}
 

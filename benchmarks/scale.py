@@ -50,7 +50,8 @@ def rss_setup(key: str, server: str, how: str) -> tuple[str, bool, dict[str, str
     if how == "cap":  # the keep-alive request cap ends the connection after its first request
         return "/", False, {"GRACEFUL_CLOSE_KEEPALIVE_REQUESTS": "1"}, ()
     if how == "timeout":  # the idle keep-alive timeout (1 s) ends it
-        args = ("--keep-alive", "1") if server == "gunicorn" else ("--timeout-keep-alive", "1")
+        args = {"gunicorn": ("--keep-alive", "1"), "hypercorn": ("--keep-alive", "1"),
+                "waitress": ("--channel-timeout=1",)}.get(server, ("--timeout-keep-alive", "1"))
         return "/", False, {}, args
     raise ValueError(how)
 

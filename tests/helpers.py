@@ -5,6 +5,7 @@ graceful_close.diagnostics.processes, shared with the benchmarks; they are re-ex
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import ssl
@@ -47,6 +48,7 @@ __all__ = ["ABORT_ON_TIMEOUT", "NGINX_LINGER", "SAMPLE_ASGI", "SAMPLE_WSGI", "SH
            "assert_close_pipelined_intact", "assert_early_413s_intact", "assert_one_line_refusal",
            "assert_sigterm_no_slower_than_stock", "count_state", "exchange_on_one_connection",
            "expect_stock_failure", "fd_count", "finished_close_clients", "idle_keepalive_clients",
+           "exit_summary_after",
            "resets_mid_upload", "seconds_to_exit", "seconds_to_exit_while_trickling",
            "seconds_to_sigterm_with", "tcp_states", "trickle", "trusting", "wait_until",
            "worker_pid", "worker_pids"]
@@ -127,6 +129,26 @@ def finished_close_clients(port: int, count: int) -> list[socket.socket]:
         assert reader.read_end() == "FIN"
         socks.append(sock)
     return socks
+
+
+def exit_summary_after(server: ServerProcess, requests: list[bytes]) -> dict[str, int]:
+    """Each request on a connection of its own: the whole response and the server's FIN read,
+    then the client closes. Then SIGTERM, and the counters of the exit summary (the readiness
+    probe's connection included)."""
+    for request in requests:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(request)
+            reader = ResponseReader(sock, time.monotonic() + 5)
+            assert reader.read_response() is not None
+            assert reader.read_end() == "FIN"
+    time.sleep(0.2)  # the last client's EOF has reached a lingering close
+    server.signal(signal.SIGTERM)
+    assert server.wait(20) is not None
+    log = server.log_text()
+    lines = re.findall(r"graceful-close: ((?:lingering_started=|no lingering close)[^\n]*)", log)
+    assert lines, log[-3000:]  # the exit summary
+    line = lines[-1]
+    return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", line)}
 
 
 def resets_mid_upload(port: int, count: int) -> None:

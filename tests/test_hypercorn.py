@@ -33,6 +33,7 @@ from tests.helpers import (
     exchange_on_one_connection,
     expect_stock_failure,
     fd_count,
+    exit_summary_after,
     trusting,
     wait_until,
     worker_pid,
@@ -257,3 +258,25 @@ def test_new_clients_are_answered_while_descriptors_are_exhausted() -> None:
     ours = emfile("hypercorn", "graceful", "asyncio")
     assert ours["answered"] >= 90 and ours["answered"] >= stock["answered"] - 5, (stock, ours)
     assert ours["recovery"] is not None and ours["recovery"] < 2.0, ours
+
+
+CLIENT_CLOSE_GET = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+IMPLICIT_CLOSE_GET = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_lingering_close_setting_by_the_exit_summary(start_server, mode: str) -> None:
+    """lingering_close (issue 18, core.closing): 3 GETs with the client's explicit Connection:
+    close, then 2 HTTP/1.0 GETs that close only implicitly, each client reading its response
+    and the FIN. Under auto the explicit ones close at once, as stock hypercorn closes every
+    connection (nothing lingers there, and it has no summary), and only the implicit ones
+    linger; under always every close lingers, the readiness probe's too."""
+    server = _start(start_server, True, env={"GRACEFUL_CLOSE_LINGERING_CLOSE": mode})
+    summary = exit_summary_after(server, [CLIENT_CLOSE_GET] * 3 + [IMPLICIT_CLOSE_GET] * 2)
+    # The readiness probe reads 12 bytes and closes: a reset that may reach the server while
+    # it still sends, and then ends as an error, not as a close of ours that lingered.
+    lingered = summary.get("lingering_started", 0) - summary.get("ended_error", 0)
+    if mode == "auto":
+        assert lingered == 2 and summary.get("ended_eof") == 2, summary
+    else:
+        assert 5 <= lingered <= 6 and summary.get("ended_eof", 0) >= 5, summary

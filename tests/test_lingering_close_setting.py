@@ -1,4 +1,5 @@
-"""lingering_close = auto | always (issue 18, graceful_close.core.closing), on all 8 servers.
+"""lingering_close = auto | always (issue 18, graceful_close.core.closing), on all 8 servers
+of gunicorn and uvicorn, hypercorn and waitress.
 
 Under auto a connection the client ended itself with an explicit `Connection: close`, its
 request received whole and nothing unread, closes at once, as the stock servers close it;
@@ -26,7 +27,8 @@ from graceful_close.diagnostics.wire import ResponseReader, request_bytes
 from tests.helpers import SAMPLE_ASGI, SAMPLE_WSGI, fd_count, wait_until, worker_pid
 
 CLIENTS = 4
-SERVERS = ["sync", "gthread", "gevent", "asgi", "uvicorn-worker", "h11", "httptools", "zttp"]
+SERVERS = ["sync", "gthread", "gevent", "asgi", "uvicorn-worker", "h11", "httptools", "zttp",
+           "hypercorn", "waitress"]
 WSGI = {"sync", "gthread", "gevent"}
 
 CLIENT_CLOSE = request_bytes("GET", "/", "x", {"Connection": "close"})
@@ -50,6 +52,13 @@ UNSEEN_PENDING = {"httptools", "uvicorn-worker", "zttp"}
 
 def _server(key: str, mode: str) -> ServerProcess:
     env = {"GRACEFUL_CLOSE_LINGERING_CLOSE": mode}
+    if key == "hypercorn":
+        return launch.hypercorn_server(SAMPLE_ASGI, True, env=env)
+    if key == "waitress":
+        # waitress reads a whole body before it calls the app: the unread body is the one
+        # its own limit refuses early (413).
+        return launch.waitress_server(SAMPLE_WSGI, True, args=["--max-request-body-size=1024"],
+                                      env=env)
     if key in launch.UVICORN_PROTOCOLS:
         return launch.uvicorn_server(SAMPLE_ASGI, launch.UVICORN_PROTOCOLS[key][1], env=env)
     app = SAMPLE_WSGI if key in WSGI else SAMPLE_ASGI

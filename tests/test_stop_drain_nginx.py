@@ -16,7 +16,7 @@ from benchmarks.churn import BY_NAME, NGINX, nginx_run
 SECONDS = 3.5
 HUP_EVERY = 1.5
 MAX_REQUESTS = 150
-STOCK_LOSES = {"asgi", "uvicorn-worker", "httptools", "h11", "zttp"}
+STOCK_LOSES = {"asgi", "uvicorn-worker", "httptools", "h11", "zttp", "hypercorn"}
 
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX) and not os.environ.get("CI"),
                                 reason="nginx is not installed (.ci/run installs it)")

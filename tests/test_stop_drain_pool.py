@@ -22,7 +22,7 @@ HUP_EVERY = 2.0
 # Recycles often enough for several stops per run at the pool's ~600 requests/s.
 MAX_REQUESTS = 150
 
-STOCK_LOSES = {"asgi", "uvicorn-worker", "httptools", "h11", "zttp"}
+STOCK_LOSES = {"asgi", "uvicorn-worker", "httptools", "h11", "zttp", "hypercorn"}
 
 
 def _cases() -> list[object]:

@@ -52,7 +52,7 @@ def test_drain_settings_from_the_environment() -> None:
 
 # ---- stop times --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["h11", "uvicorn-worker", "asgi", "gthread"])
+@pytest.mark.parametrize("name", ["h11", "uvicorn-worker", "asgi", "gthread", "hypercorn"])
 def test_stop_with_long_idle_clients_stays_quick(name: str) -> None:
     """3 keep-alive clients idle for longer than the drain window: they close at once, as
     stock closes them (stock gasgi even waits for them until graceful_timeout). The benchmark

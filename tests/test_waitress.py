@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from graceful_close.diagnostics.launch import ServerProcess, waitress_server
 from graceful_close.diagnostics.scenarios import (
     Target,
@@ -34,6 +36,7 @@ from tests.helpers import (
     exchange_on_one_connection,
     expect_stock_failure,
     fd_count,
+    exit_summary_after,
     wait_until,
 )
 
@@ -165,7 +168,7 @@ def test_recipe_waitress_serve(start_server) -> None:
 
 
 def test_more_than_1024_lingering_sockets_keep_the_loop_alive(start_server) -> None:
-    """1,100 clients read their answer and never close: ours lingers on every one, so the
+    """1,100 HTTP/1.0 clients read their answer and never close: ours lingers on every one, so the
     server holds descriptors above 1023, where waitress's default select() would fail and end
     its loop (measured with --no-asyncore-use-poll: "filedescriptor out of range in select()"
     at the 1,016th client). Ours runs waitress on poll() unless asked: a new client is still
@@ -175,8 +178,9 @@ def test_more_than_1024_lingering_sockets_keep_the_loop_alive(start_server) -> N
     try:
         for _ in range(1100):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            # HTTP/1.0, closing implicitly: it lingers under lingering_close=auto too
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.")
             held.append(sock)
         assert fd_count(server.pid) > 1100
         responses, _ = exchange_on_one_connection(server.port, [{}])
@@ -184,3 +188,25 @@ def test_more_than_1024_lingering_sockets_keep_the_loop_alive(start_server) -> N
     finally:
         for sock in held:
             sock.close()
+
+
+CLIENT_CLOSE_GET = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+IMPLICIT_CLOSE_GET = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_lingering_close_setting_by_the_exit_summary(start_server, mode: str) -> None:
+    """lingering_close (issue 18, core.closing): 3 GETs with the client's explicit Connection:
+    close, then 2 HTTP/1.0 GETs that close only implicitly, each client reading its response
+    and the FIN. Under auto the explicit ones close at once, as stock waitress closes every
+    connection (nothing lingers there, and it has no summary), and only the implicit ones
+    linger; under always every close lingers, the readiness probe's too."""
+    server = _start(start_server, True, env={"GRACEFUL_CLOSE_LINGERING_CLOSE": mode})
+    summary = exit_summary_after(server, [CLIENT_CLOSE_GET] * 3 + [IMPLICIT_CLOSE_GET] * 2)
+    # The readiness probe reads 12 bytes and closes: a reset that may reach the server while
+    # it still sends, and then ends as an error, not as a close of ours that lingered.
+    lingered = summary.get("lingering_started", 0) - summary.get("ended_error", 0)
+    if mode == "auto":
+        assert lingered == 2 and summary.get("ended_eof") == 2, summary
+    else:
+        assert 5 <= lingered <= 6 and summary.get("ended_eof", 0) >= 5, summary

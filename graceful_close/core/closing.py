@@ -48,9 +48,11 @@ def says_close(value: bytes | str) -> bool:
     return any(part.strip() == b"close" for part in low.split(b","))
 
 
-def client_sent_close(headers: Iterable[tuple[bytes | str, bytes | str]]) -> bool:
-    """The request carries an explicit `Connection: close` (any case, any Connection header
-    of several). An HTTP/1.0 request without it closes only implicitly: False."""
+def headers_say_close(headers: Iterable[tuple[bytes | str, bytes | str]]) -> bool:
+    """Some Connection header of `headers` (a request's or a response's; names and values as
+    bytes or str, any case) carries the `close` token. Of a request: the client ended the
+    connection explicitly; an HTTP/1.0 request without the header closes only implicitly,
+    and gets False."""
     for name, value in headers:
         if len(name) == 10 and name.lower() in (b"connection", "connection"):
             if says_close(value):
@@ -60,11 +62,11 @@ def client_sent_close(headers: Iterable[tuple[bytes | str, bytes | str]]) -> boo
 
 def closes_at_once(mode: str, client_closed: bool, body_complete: bool,
                    unread: int | None, unsent: int | None) -> bool:
-    """Close without lingering? `client_closed`: client_sent_close() of the last request;
+    """Close without lingering? `client_closed`: headers_say_close() of the last request's headers;
     `body_complete`: that request had no body or all of it was received; `unread`: bytes
     received and not consumed (receive queue + parser buffer); `unsent`: response bytes not
     yet acknowledged (our buffers + the kernel's send queue). Unknown counts (None) linger."""
     return mode == AUTO and client_closed and body_complete and unread == 0 and unsent == 0
 
 
-__all__ = ["ALWAYS", "AUTO", "MODES", "client_sent_close", "closes_at_once", "says_close"]
+__all__ = ["ALWAYS", "AUTO", "MODES", "closes_at_once", "headers_say_close", "says_close"]

@@ -26,7 +26,7 @@ from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers import gasgi
 
 from .. import metrics
-from ..core.closing import AUTO, client_sent_close, closes_at_once
+from ..core.closing import AUTO, closes_at_once, headers_say_close
 from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..core.stopping import StopDrain, drain_window
@@ -201,7 +201,7 @@ class LingeringASGIProtocol(ASGIProtocol):
         request, receiver, parser = self._current_request, self._body_receiver, self._callback_parser
         if request is None or receiver is None or parser is None or self._gc_refused:
             return False
-        if not receiver._complete or not client_sent_close(request.headers_bytes):
+        if not receiver._complete or not headers_say_close(request.headers_bytes):
             return False
         remaining = getattr(parser, "remaining", None)
         if remaining is None or remaining() or getattr(parser, "remaining_truncated", False):
@@ -224,23 +224,12 @@ class KeepAliveHeaderASGIProtocol(LingeringASGIProtocol):
     def _send_response_start(self, status: Any, headers: Any, request: Any, close: bool = False) -> None:
         # gasgi calls this once per HTTP/1.x response with the close decision it announces
         # (_will_close, our policy included): the same place stock adds "Connection: close".
-        if not close and not _says_close(headers):
+        if not close and not headers_say_close(headers):
             cap = self.worker.keepalive_policy.max_requests
             remaining = cap - self.req_count if cap else None
             value = keep_alive_value(self._keepalive, remaining).encode("latin-1")
             headers = [*headers, (b"keep-alive", value)]
         super()._send_response_start(status, headers, request, close)
-
-
-def _says_close(headers: Any) -> bool:
-    """The app's own headers say Connection: close (then no Keep-Alive header)."""
-    for name, value in headers:
-        name = name if isinstance(name, bytes) else str(name).encode("latin-1")
-        if name.lower() == b"connection":
-            value = value if isinstance(value, bytes) else str(value).encode("latin-1")
-            if b"close" in value.lower():
-                return True
-    return False
 
 
 class ASGIWorker(gasgi.ASGIWorker):

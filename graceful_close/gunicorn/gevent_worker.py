@@ -28,7 +28,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import ggevent
 
 from .. import metrics
-from ..core.closing import AUTO, client_sent_close, closes_at_once
+from ..core.closing import AUTO, closes_at_once, headers_say_close
 from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.gevent import GeventDrainEngine, at_stake
@@ -146,7 +146,7 @@ class GeventWorker(ggevent.GeventWorker):
         try:
             return super().handle_request(listener_name, req, sock, addr)
         except StopIteration:  # gunicorn's way of saying this response ends the connection
-            if self._at_once and client_sent_close(req.headers) and request_whole(req):
+            if self._at_once and headers_say_close(req.headers) and request_whole(req):
                 self._client_closed.add(sock)
             raise
 

@@ -30,7 +30,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import base, gthread, sync
 
 from .. import metrics
-from ..core.closing import AUTO, client_sent_close, closes_at_once
+from ..core.closing import AUTO, closes_at_once, headers_say_close
 from ..core.counters import PROCESS_COUNTERS
 from ..core.descriptors import DescriptorBudget
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
@@ -68,7 +68,7 @@ _client_closed: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 def mark_if_client_closed(req: Any, sock: socket.socket) -> None:
     """After a response that ends the connection: mark `sock` when the client itself ended
     it and its request was received whole (lingering_close=auto only)."""
-    if _at_once and client_sent_close(req.headers) and _compat.request_whole(req):
+    if _at_once and headers_say_close(req.headers) and _compat.request_whole(req):
         _client_closed.add(sock)
 
 

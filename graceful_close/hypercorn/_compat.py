@@ -51,6 +51,8 @@ except PackageNotFoundError:  # pragma: no cover - a source checkout
 #     unless it is closing: a handed-off transport must not be reachable from it.
 # A2. asyncio.StreamReaderProtocol.connection_lost(None) feeds EOF to the reader and wakes
 #     drain() waiters: the stream side's bookkeeping of a connection we took over.
+# A3. asyncio.StreamReader keeps what it received and nobody read yet in `_buffer`
+#     (lingering_close=auto: such bytes are input still pending).
 
 _TCP_SERVER_PARAMS = ["self", "app", "loop", "config", "context", "state", "reader", "writer"]
 
@@ -84,6 +86,12 @@ def problems() -> list[str]:
         found.append("H11Protocol.__init__ takes no context or send")
     if not hasattr(asyncio.StreamWriter, "transport"):
         found.append("asyncio.StreamWriter has no transport")
+    try:
+        reader_init = inspect.getsource(asyncio.StreamReader.__init__)
+    except (OSError, TypeError):
+        reader_init = ""
+    if "self._buffer = bytearray()" not in reader_init:
+        found.append("asyncio.StreamReader keeps no _buffer")
     return found
 
 
@@ -141,6 +149,13 @@ def detach_writer(writer: asyncio.StreamWriter) -> None:
 def reader_saw_eof(reader: asyncio.StreamReader) -> bool:
     """The client's EOF (or an error) reached the stream already: nothing to linger for."""
     return bool(getattr(reader, "_eof", False)) or reader.exception() is not None
+
+
+def reader_buffered(reader: asyncio.StreamReader) -> int:
+    """A3. Bytes the stream reader received from the transport and hypercorn has not read
+    yet (StreamReader._buffer); unknown counts as some."""
+    buffer = getattr(reader, "_buffer", None)
+    return 1 if buffer is None else len(buffer)
 
 
 def wake(can_read: Any) -> None:

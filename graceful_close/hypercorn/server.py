@@ -34,19 +34,26 @@ from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H11Protocol
 
 from .. import metrics
+from ..core.closing import AUTO, closes_at_once, headers_say_close
+from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
+from ..core.stopping import StopDrain, drain_window
 from ..engines.aio import (
     SHUTDOWN_FORCE_GRACE,
     AsyncioDrainEngine,
     DescriptorReclaimer,
     drain_engine,
+    fileno,
     nothing_at_stake,
 )
-from ..engines.sockets import descriptor_budget
+from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
 from ..settings import announce, current_settings
 from . import _compat
 
 ENTRY = "hypercorn -c python:graceful_close.hypercorn"
+# Issue 16: how often a connection kept open for the stop's drain looks whether it is still
+# idle (a request on it ends the wait: hypercorn serves it with Connection: close).
+DRAIN_POLL = 0.05
 CLOSE = (b"connection", b"close")
 _NO_CAP = 2**62
 
@@ -56,11 +63,19 @@ class _Process:
 
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
+    at_once = False  # lingering_close=auto (issue 18, core.closing)
     # Issue 20: the open connections, and what keeps them within RLIMIT_NOFILE (None when
     # the limit is unknown), built at the first connection, once the listeners are open.
     connections: set[GracefulTCPServer] = set()
     reclaimer: DescriptorReclaimer | None = None
     reclaimer_loop: asyncio.AbstractEventLoop | None = None
+
+
+class _Drain:
+    """The stop's drain of this worker process (issue 16, core.stopping), begun when hypercorn's
+    worker context is `terminated`; None before the stop."""
+
+    current: StopDrain | None = None
 
 
 def _reclaimer(loop: asyncio.AbstractEventLoop) -> DescriptorReclaimer | None:
@@ -98,6 +113,7 @@ def _policy() -> KeepAlivePolicy:
     if policy is None:
         settings = current_settings()
         _Process.keepalive_header = settings.keepalive_header
+        _Process.at_once = settings.lingering_close == AUTO
         policy = _Process.policy = KeepAlivePolicy(settings)
     return policy
 
@@ -163,12 +179,18 @@ class GracefulH11Protocol(H11Protocol):
         self._gc_user_agent: bytes | None = None  # set only when its rules may close
         self._gc_closing = False
         self._gc_remaining: int | None = None
+        self._gc_request: h11.Request | None = None  # the last one (lingering_close=auto)
+        self._gc_last_used = now  # the start of the last request, or the accept (issue 16)
 
     async def _create_stream(self, request: h11.Request) -> None:
         self._gc_requests = served = self._gc_requests + 1
+        self._gc_request = request
         if served == 1:
             self._gc_first_request(request)
-        if served >= self._gc_cap or asyncio.get_running_loop().time() >= self._gc_age_deadline:
+        # The clock read the age cap needs anyway, kept: when the stop's drain comes, how
+        # recently the client used this connection (hypercorn keeps no time of its own).
+        self._gc_last_used = now = asyncio.get_running_loop().time()
+        if served >= self._gc_cap or now >= self._gc_age_deadline:
             self._gc_decide(served, request.method)
         await super()._create_stream(request)
 
@@ -206,25 +228,42 @@ class GracefulH11Protocol(H11Protocol):
             return event  # hypercorn's own cap: it adds Connection: close itself
         headers = event.headers
         if closing:
-            if _says_close(headers):
+            drain = _Drain.current
+            if drain is not None and drain.window > 0 and not self._gc_closing:
+                PROCESS_COUNTERS.count("drain_answered_close")  # issue 16
+            if headers_say_close(headers):
                 return event
             return dataclasses.replace(event, headers=[*headers, CLOSE])
-        if _Process.keepalive_header and not _says_close(headers):
+        if _Process.keepalive_header and not headers_say_close(headers):
             value = keep_alive_value(self.config.keep_alive_timeout,
                                      getattr(self, "_gc_remaining", None))
             return dataclasses.replace(event, headers=[*headers, (b"keep-alive", value.encode())])
         return event
 
+    def _gc_client_ended(self, reader: asyncio.StreamReader, transport: Any) -> bool:
+        """lingering_close=auto (core.closing): the client ended this connection itself with
+        an explicit Connection: close on its last request, whose body h11 received whole
+        (their state MUST_CLOSE: not SEND_BODY, not ERROR), nothing held unparsed (h11's
+        buffer, the stream reader's), nothing unread in the socket, and the response all
+        sent and acknowledged: no byte can meet an RST, so the close need not linger. Only
+        on a close. An HTTP/1.0 request without the header, a policy close (ours or
+        hypercorn's with no Connection: close from the client) and an idle timeout linger."""
+        request = self._gc_request
+        connection = self.connection
+        if request is None or self._gc_closing or connection.their_state is not h11.MUST_CLOSE:
+            return False
+        if not headers_say_close(request.headers) or connection.trailing_data[0] \
+                or _compat.reader_buffered(reader):
+            return False
+        fd = fileno(transport)
+        if fd is None or transport.get_write_buffer_size():
+            return False
+        return closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
+
     def _gc_finished(self) -> None:
         """The drain engine owns the socket: the read loop ends (see _Finished)."""
         self.connection = _FINISHED  # type: ignore[assignment]
         _compat.wake(self.can_read)
-
-
-def _says_close(headers: Any) -> bool:
-    return any(bytes(name).lower() == b"connection"
-               and any(part.strip() == b"close" for part in bytes(value).lower().split(b","))
-               for name, value in headers)
 
 
 _watched: weakref.WeakSet[Any] = weakref.WeakSet()  # worker contexts whose stop is watched
@@ -235,6 +274,7 @@ class GracefulTCPServer(TCPServer):
     """One connection of hypercorn's asyncio worker, whose HTTP/1.1 close lingers."""
 
     _gc_handed_off = False
+    _gc_drain_wait: asyncio.Task[None] | None = None  # issue 16: kept open for the drain
 
     async def run(self) -> None:
         context = self.context
@@ -251,6 +291,8 @@ class GracefulTCPServer(TCPServer):
             _Process.connections.discard(self)
 
     async def _close(self) -> None:
+        if self._gc_keep_for_drain():
+            return
         if self._gc_handed_off or self._gc_hand_off():
             await self.idle_task.stop()
             return
@@ -268,16 +310,65 @@ class GracefulTCPServer(TCPServer):
         if not self._gc_hand_off():
             self.writer.close()
 
+    def _gc_keep_for_drain(self) -> bool:
+        """Issue 16: at the stop hypercorn closes a connection right after its response, even
+        one whose headers went out before the stop began and so promised keep-alive: the
+        client may send its next request at that very moment and get no answer. Such a
+        connection (both sides of h11 DONE: nobody said close) is kept open for the drain
+        instead, as an idle one is (_gc_close_idle_at_stop); its next request is served with
+        Connection: close. Only on a close."""
+        if self._gc_drain_wait is not None or not self.context.terminated.is_set():
+            return False
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        if not isinstance(protocol, GracefulH11Protocol):
+            return False
+        connection = protocol.connection
+        if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+            return False
+        if self.writer.transport.is_closing() or _compat.reader_saw_eof(self.reader):
+            return False
+        connection.start_next_cycle()  # what hypercorn does between keep-alive requests
+        self._gc_drain_wait = self.loop.create_task(self._gc_close_idle_at_stop())
+        return True
+
     async def _gc_close_idle_at_stop(self) -> None:
-        """The stop closes an idle connection as stock does: at once (the stop rule's "nothing
-        at stake"); the place for a drain of idle connections at the stop (issue 16)."""
-        await super()._initiate_server_close()
+        """Issue 16 (core.stopping): the stop began and this connection is idle. Used by its
+        client within the drain window (its last request began, or it was accepted, less than
+        the window ago), it stays open until the window ends: a request arriving on it is
+        served, with Connection: close (GracefulH11Protocol._gc_response), and the connection
+        then closes as any other. Unused for longer, or still idle when the window ends, it
+        closes now: at once with nothing at stake (as stock closes it), else lingering.
+        HTTP/2 connections close as stock."""
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        if not isinstance(protocol, GracefulH11Protocol):
+            await super()._initiate_server_close()
+            return
+        loop = self.loop
+        drain = _begin_drain(loop, self.config)
+        if drain.keeps_open(protocol._gc_last_used, loop.time()):
+            while not drain.over(loop.time()):
+                await asyncio.sleep(min(DRAIN_POLL, max(0.0, drain.ends - loop.time())))
+                if self._gc_handed_off or self.writer.transport.is_closing() \
+                        or _compat.reader_saw_eof(self.reader):
+                    return  # closed meanwhile: answered with Connection: close, or by the client
+                if protocol.connection.their_state is not h11.IDLE:
+                    return  # a request came: hypercorn serves it with Connection: close, then closes
+            PROCESS_COUNTERS.count("drain_window_closed")
+        elif drain.window > 0:
+            PROCESS_COUNTERS.count("drain_idle_closed")
+        if nothing_at_stake(self.writer.transport):
+            await super()._initiate_server_close()
+            return
+        await self.protocol.handle(Closed())
+        if not self._gc_hand_off():
+            self.writer.close()
 
     def _gc_hand_off(self) -> bool:
         """The one hand-off: the drain engine takes the transport of an HTTP/1.1 connection
         whose client is still connected; the streams and the protocol are done with it now.
         False: close as stock (HTTP/2, the client closed or reset already, a transport
-        closing already)."""
+        closing already, or under lingering_close=auto a connection the client ended itself
+        with nothing at stake: GracefulH11Protocol._gc_client_ended)."""
         protocol = getattr(getattr(self, "protocol", None), "protocol", None)
         if not isinstance(protocol, GracefulH11Protocol):
             return False
@@ -285,6 +376,8 @@ class GracefulTCPServer(TCPServer):
         transport = writer.transport
         if transport.is_closing() or _compat.reader_saw_eof(self.reader):
             return False
+        if _Process.at_once and protocol._gc_client_ended(self.reader, transport):
+            return False  # lingering_close=auto: close as stock does, at once
         stream_protocol = transport.get_protocol()
         self._gc_handed_off = True
         _Process.connections.discard(self)  # from now on the engine counts it
@@ -300,7 +393,19 @@ class GracefulTCPServer(TCPServer):
 
 async def _gc_watch_stop(loop: asyncio.AbstractEventLoop, config: Config, context: Any) -> None:
     await context.terminated.wait()
+    # The drain (issue 16) before the stop rule: hypercorn's idle-connection timers see the
+    # same `terminated` and call _gc_close_idle_at_stop on the next loop turns.
+    _begin_drain(loop, config)
     _gc_begin_stop(drain_engine(loop), config)
+
+
+def _begin_drain(loop: asyncio.AbstractEventLoop, config: Config) -> StopDrain:
+    """The stop's drain, once per stop: settings.drain_window within hypercorn's graceful_timeout."""
+    drain = _Drain.current
+    if drain is None:
+        window = drain_window(current_settings(), float(config.graceful_timeout))
+        drain = _Drain.current = StopDrain(window, loop.time())
+    return drain
 
 
 def _gc_begin_stop(engine: AsyncioDrainEngine, config: Config) -> None:
@@ -344,6 +449,7 @@ async def worker_serve(app: Any, config: Config, *, sockets: Any = None,
             if task.get_loop() is loop:
                 task.cancel()
                 _stop_watches.discard(task)
+        _Drain.current = None  # a later serve() in this process starts without a drain
         metrics.flush_at_worker_exit()
 
 

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from ..core.closing import AUTO, client_sent_close, closes_at_once
+from ..core.closing import AUTO, closes_at_once, headers_say_close
 from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy
 from ..core.stopping import StopDrain
@@ -179,16 +179,6 @@ class ClosingTransport:
         return False  # the drain engine half-closes; uvicorn's protocols never ask
 
 
-def _has_token(value: bytes, token: bytes) -> bool:
-    return any(part.strip() == token for part in value.lower().split(b","))
-
-
-def _says_close(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    # len() first: "connection" is 10 bytes long
-    return any(len(name) == 10 and bytes(name).lower() == b"connection"
-               and _has_token(bytes(value), b"close") for name, value in headers)
-
-
 def add_header_unless_app_closes(cycle: Any, extra: tuple[bytes, bytes]) -> None:
     """Add `extra` through the cycle's default headers (uvicorn writes them before the
     app's), unless the app's response says Connection: close itself (then a Keep-Alive
@@ -208,7 +198,7 @@ def add_header_unless_app_closes(cycle: Any, extra: tuple[bytes, bytes]) -> None
             if not isinstance(headers, (list, tuple)):
                 headers = list(headers)
                 message = {**message, "headers": headers}
-            if not _says_close(headers):
+            if not headers_say_close(headers):
                 cycle.default_headers = [*plain, extra]
         return send(message)
 
@@ -295,7 +285,7 @@ class LingeringCloseMixin(_Base):
         cycle = self.cycle
         if cycle is None or cycle.more_body or self._gc_closing or self._gc_refused:
             return False
-        if not client_sent_close(cycle.scope["headers"]) or self._gc_held_input(cycle):
+        if not headers_say_close(cycle.scope["headers"]) or self._gc_held_input(cycle):
             return False
         transport = self._gc_transport
         fd = fileno(transport)
@@ -488,7 +478,7 @@ class LingeringCloseMixin(_Base):
         Connection: close): uvicorn closes after the response, so no Keep-Alive header."""
         if self.scope.get("http_version") == "1.0":
             return True
-        return _says_close(self.headers)
+        return headers_say_close(self.headers)
 
     # ---- what each protocol says ---------------------------------------------------
 

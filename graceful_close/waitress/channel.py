@@ -20,8 +20,10 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.task import WSGITask
 
+from ..core.closing import AUTO, closes_at_once, says_close
 from ..core.keepalive import KeepAlivePolicy, keep_alive_value
 from ..engines.poll import PollDrainEngine
+from ..engines.sockets import unacked_bytes, unread_bytes
 from ..settings import current_settings
 
 _NO_CAP = 2**62
@@ -30,6 +32,7 @@ _NO_CAP = 2**62
 class _Process:
     policy: KeepAlivePolicy | None = None
     keepalive_header = False
+    at_once = False  # lingering_close=auto (issue 18, core.closing)
 
 
 def policy() -> KeepAlivePolicy:
@@ -37,6 +40,7 @@ def policy() -> KeepAlivePolicy:
     if found is None:
         settings = current_settings()
         _Process.keepalive_header = settings.keepalive_header
+        _Process.at_once = settings.lingering_close == AUTO
         found = _Process.policy = KeepAlivePolicy(settings)
     return found
 
@@ -83,6 +87,8 @@ class GracefulWSGITask(WSGITask):
     """Ends the connection after this response (Connection: close) when the keep-alive policy
     says so. Per request: an integer increment and, with an age cap, one clock read."""
 
+    _gc_policy_closes = False  # our keep-alive policy ended the connection: it lingers
+
     def build_response_header(self) -> bytes:
         channel = self.channel
         channel._gc_requests = served = channel._gc_requests + 1
@@ -93,16 +99,25 @@ class GracefulWSGITask(WSGITask):
         elif _Process.keepalive_header:
             self._gc_decide(channel, served)
         header: bytes = super().build_response_header()
+        if self.close_on_finish and _Process.at_once:  # waitress decided to close after this
+            self._gc_note_if_client_closed(channel)
         return header
+
+    def _gc_note_if_client_closed(self, channel: GracefulChannel) -> None:
+        if not self._gc_policy_closes and says_close(self.request.headers.get("CONNECTION", "")):
+            channel._gc_note_client_close()
 
     def _gc_decide(self, channel: GracefulChannel, served: int) -> None:
         decision = policy().decide(served, channel._gc_accepted, time.monotonic(),
                                    channel._gc_user_agent, self.request.command or "GET")
         if not decision.keep_alive:
+            self._gc_policy_closes = True
             self.set_close_on_finish()
         elif _Process.keepalive_header and not self.close_on_finish:
             value = keep_alive_value(channel.adj.channel_timeout, decision.remaining_requests)
             self.response_headers.append(("Keep-Alive", value))
+
+
 
 
 class GracefulChannel(HTTPChannel):
@@ -110,6 +125,9 @@ class GracefulChannel(HTTPChannel):
 
     task_class = GracefulWSGITask
     _gc_reading = False  # inside recv(): a close there is the client's EOF or reset
+    # lingering_close=auto: the client ended the connection itself with an explicit
+    # Connection: close on the request just answered, and nothing came in behind it.
+    _gc_client_closed = False
 
     def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map=map)
@@ -145,6 +163,27 @@ class GracefulChannel(HTTPChannel):
                 self._gc_user_agent = agent
                 self._gc_cap = 0
 
+    def _gc_note_client_close(self) -> None:
+        """In the task thread, as the response headers of a request whose explicit Connection:
+        close the client sent are built (GracefulWSGITask). waitress is serving it, so its body
+        was received whole; behind it nothing may be parsed or held (a request queued, one
+        begun). ErrorTask answers (its own 413, 400s) never get here."""
+        with self.requests_lock:
+            self._gc_client_closed = len(self.requests) == 1 and self.request is None
+
+    def _gc_closes_at_once(self) -> bool:
+        """lingering_close=auto (core.closing): the client ended the connection and the close
+        loses nothing: no later request begun, every byte flushed from waitress's buffers,
+        nothing unread in the socket, the response all acknowledged. Bytes waitress read and
+        dropped once it decided to close were read: they cannot turn the close into an RST."""
+        if not self._gc_client_closed or self.request is not None or self.total_outbufs_len:
+            return False
+        try:
+            fd = self.socket.fileno()
+        except OSError:
+            return False
+        return fd >= 0 and closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
+
     def recv(self, buffer_size: int) -> bytes:
         self._gc_reading = True
         try:
@@ -159,8 +198,11 @@ class GracefulChannel(HTTPChannel):
         super().handle_close()  # the output buffers, the map; the socket's close is a no-op now
 
     def _gc_hand_off(self) -> None:
-        """The one hand-off: the engine detaches the socket's descriptor, half-closes it (the
+        """The one hand-off (or, under lingering_close=auto, none: _gc_closes_at_once): the
+        engine detaches the socket's descriptor, half-closes it (the
         FIN follows what waitress flushed) and drains it until the client's EOF or a deadline."""
+        if self._gc_client_closed and self._gc_closes_at_once():
+            return  # waitress's own close follows, at once, as stock closes
         engine: PollDrainEngine | None = getattr(self.server, "_gc_engine", None)
         if engine is not None:
             engine.hand_off(self.socket)

@@ -51,6 +51,12 @@ def finish(server: Any) -> None:
 
 
 def _stop(signum: int, frame: Any) -> None:
+    # Issue 16's drain (core.stopping) is not wired here yet. waitress has no graceful stop of
+    # its own to extend: no worker processes, no recycling (--max-requests), no reload, and
+    # stock dies at once on SIGTERM; the stop paths the drain exists for are those of servers
+    # that restart under a pool. A drain would have to be a stop of ours, run in waitress's
+    # loop (stop accepting, Connection: close on every response, close the long-idle channels,
+    # end when none is left or at the window), which this SIGTERM handler does not do.
     raise SystemExit(0)  # waitress's run() ends its loop on it, as on Ctrl-C
 
 
