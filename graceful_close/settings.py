@@ -174,12 +174,15 @@ class Settings:
             env[ENV_PREFIX + field.name.upper()] = text
         return env
 
-    def describe(self, where: str = "") -> str:
+    def describe(self, where: str = "", unused: tuple[str, ...] = ()) -> str:
         """The one start-up log line of a server using these settings: every setting by name
         (every field, so a new setting shows without a change here), after `where`, what
-        runs them (e.g. "gunicorn -k graceful_close.gunicorn.ThreadWorker")."""
+        runs them (e.g. "gunicorn -k graceful_close.gunicorn.ThreadWorker"). `unused`: settings
+        this server does not apply, named as such so the line never claims them."""
         values = " ".join(f"{field.name}={_describe(getattr(self, field.name))}"
-                          for field in dataclasses.fields(self))
+                          for field in dataclasses.fields(self) if field.name not in unused)
+        if unused:
+            values += f" (not applied by this server: {', '.join(unused)})"
         return f"graceful-close: {where}; {values}" if where else f"graceful-close: {values}"
 
     def replace(self, **changes: Any) -> Settings:
@@ -343,15 +346,15 @@ def startup_settings() -> Settings:
 _announced = False
 
 
-def announce(where: str, emit: Callable[[str], None]) -> Settings:
+def announce(where: str, emit: Callable[[str], None], unused: tuple[str, ...] = ()) -> Settings:
     """At a server's start: validate the settings (a bad value exits with one line) and log the
     one line saying graceful-close runs there, with every effective setting, through `emit`
-    (the server's own log), once per process."""
+    (the server's own log), once per process; `unused` as in Settings.describe."""
     global _announced
     settings = startup_settings()
     if not _announced:
         _announced = True
-        emit(settings.describe(where))
+        emit(settings.describe(where, unused))
     return settings
 
 

@@ -9,6 +9,7 @@ and ends with FIN. HTTP/2 is served exactly as stock.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
@@ -188,6 +189,21 @@ def test_refusals_are_one_line(tmp_path) -> None:
                           capture_output=True, text=True, timeout=60)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0 and len(lines) == 1 and "trio worker is not supported" in lines[0], lines
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_bad_setting_exits_1_with_one_line(workers) -> None:
+    """A bad GRACEFUL_CLOSE_* value stops the hypercorn command itself with status 1 and one
+    line. Checked only in a spawned worker, it exited 0: hypercorn 0.18's run() loses the
+    worker's exit code."""
+    env = {**os.environ, "GRACEFUL_CLOSE_DRAIN_WINDOW": "-1"}
+    done = subprocess.run([sys.executable, "-m", "hypercorn", "--workers", workers, "-b", "127.0.0.1:0",
+                           "-c", "python:graceful_close.hypercorn", SAMPLE_ASGI],
+                          capture_output=True, text=True, timeout=60, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, (done.returncode, lines)
+    assert lines == ["graceful-close: invalid GRACEFUL_CLOSE_DRAIN_WINDOW='-1': "
+                     "expected a number of seconds >= 0 and <= 86400"], lines
 
 
 def test_recipe_config_file(start_server) -> None:

@@ -249,3 +249,11 @@ def test_describe_names_every_setting():
     assert "max_lingering=7" in line and "keepalive_header=true" in line
     assert 'nokeepalive_user_agents=["msie6", "Bot{1,3}"]' in line
     assert "linger_time=30s" in line and "linger_max_bytes=none" in line
+
+
+def test_startup_line_names_settings_a_server_does_not_apply():
+    """waitress has no stop drain and no stop delay: its start-up line must not claim them."""
+    line = Settings().describe("waitress", unused=("drain_window", "stop_delay"))
+    assert "drain_window=" not in line and "stop_delay=" not in line
+    assert line.endswith("(not applied by this server: drain_window, stop_delay)")
+    assert "stop_linger=2s" in line

@@ -47,7 +47,7 @@ from ..engines.aio import (
     nothing_at_stake,
 )
 from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
-from ..settings import announce, current_settings
+from ..settings import announce, current_settings, startup_settings
 from . import _compat
 
 ENTRY = "hypercorn -c python:graceful_close.hypercorn"
@@ -434,7 +434,10 @@ async def worker_serve(app: Any, config: Config, *, sockets: Any = None,
         config.logger_class = Logger
     config.set_statsd_logger_class(_compat.statsd_logger_class())  # what stock does first
     _ = config.log  # hypercorn's loggers get their handlers here: the line must reach them
-    announce(f"{ENTRY} ({config.worker_class} worker)", logging.getLogger("hypercorn.error").info)
+    # stop_delay: hypercorn's shutdown trigger comes from its parent and does not tell SIGTERM
+    # from SIGINT, so no delay is applied; the start-up line says so.
+    announce(f"{ENTRY} ({config.worker_class} worker)", logging.getLogger("hypercorn.error").info,
+             unused=("stop_delay",))
     metrics.maybe_start_for_worker()
     _policy()
     loop = asyncio.get_running_loop()
@@ -457,7 +460,15 @@ def install() -> None:
     """Make hypercorn's asyncio worker build our connections, in this process."""
     _compat.check()
     _compat.install(GracefulTCPServer, worker_serve, GracefulH11Protocol)
-    _compat.guard_cli(refuse_other_workers)
+    _compat.guard_cli(_check_before_start)
+
+
+def _check_before_start(config: Config) -> None:
+    """In the hypercorn command's own process, before it spawns a worker: a trio worker or a
+    bad setting exits there with one line and status 1. From a spawned worker only, hypercorn
+    0.18's run() loses the worker's exit code and the command exits 0."""
+    refuse_other_workers(config)
+    startup_settings()
 
 
 async def serve(app: Any, config: Config, *, shutdown_trigger: Any = None,

@@ -17,12 +17,15 @@ from . import _compat
 from .channel import GracefulChannel, LingerDispatcher
 
 log = logging.getLogger("waitress")
+# waitress has no reload, no recycling and no graceful stop of its own for keep-alive
+# connections: the stop's drain and its delay (issue 16) have nothing to hook into.
+NOT_APPLIED = ("drain_window", "stop_delay")
 
 
 def create_server(application: Any, map: dict[int, Any] | None = None, **kw: Any) -> Any:
     """waitress.create_server(app, **adjustments) whose connections close lingering."""
     _compat.check()
-    announce("graceful_close.waitress.create_server", log.info)  # once per process
+    announce("graceful_close.waitress.create_server", log.info, unused=NOT_APPLIED)  # once per process
     if map is None:
         map = {}
     # poll(), not select(), unless asked: lingering sockets hold descriptors a stock server
@@ -70,7 +73,7 @@ def _serve(app: Any, where: str, **kw: Any) -> None:
     logging.basicConfig()
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
-    announce(where, log.info)
+    announce(where, log.info, unused=NOT_APPLIED)
     metrics.maybe_start_for_worker()
     server = create_server(app, **kw)
     server.print_listen("Serving on http://{}:{}")
