@@ -23,8 +23,8 @@ def main(names: list[str], seconds: float = 15.0, runs: int = 2) -> None:
             results = []
             for _ in range(runs):
                 with server.make("ours", env=env) as proc:
-                    port = proc.port
-                    result = churn(proc, seconds, 5.0, lambda s: run_pool("127.0.0.1", port, s))
+                    result = churn(proc, seconds, 5.0,
+                                   lambda s, port=proc.port: run_pool("127.0.0.1", port, s))
                 results.append(f"{result.failed}/{result.requests}")
             print(f"{name} window {window:g} s: failed {', '.join(results)}", flush=True)
 
