@@ -6,6 +6,7 @@ GRACEFUL_CLOSE_DRAIN_WINDOW in {0, 0.1, 0.25, 0.5, 1, 2} s; failed / requests of
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from graceful_close.diagnostics.pool import run_pool
@@ -23,8 +24,7 @@ def main(names: list[str], seconds: float = 15.0, runs: int = 2) -> None:
             results = []
             for _ in range(runs):
                 with server.make("ours", env=env) as proc:
-                    result = churn(proc, seconds, 5.0,
-                                   lambda s, port=proc.port: run_pool("127.0.0.1", port, s))
+                    result = churn(proc, seconds, 5.0, functools.partial(run_pool, "127.0.0.1", proc.port))
                 results.append(f"{result.failed}/{result.requests}")
             print(f"{name} window {window:g} s: failed {', '.join(results)}", flush=True)
 
