@@ -128,7 +128,7 @@ def test_documented_sync_class_with_threads_runs_our_code_so_a_bad_value_is_refu
                           env={**os.environ, "GRACEFUL_CLOSE_LINGER_TIME": "abc"})
     assert done.returncode != 0
     assert _our_lines(done.stderr) == ["graceful-close: invalid GRACEFUL_CLOSE_LINGER_TIME='abc': "
-                                       "expected a number"], done.stderr
+                                       "expected a number of seconds > 0 and <= 86400"], done.stderr
     assert "Booting worker" not in done.stderr
 
 

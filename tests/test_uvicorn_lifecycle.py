@@ -278,7 +278,8 @@ def _run_to_exit(argv: list[str], env: dict[str, str], timeout: float = 30) -> t
 
 
 BAD = {"GRACEFUL_CLOSE_LINGER_TIME": "abc"}
-BAD_LINE = "graceful-close: invalid GRACEFUL_CLOSE_LINGER_TIME='abc': expected a number"
+BAD_LINE = ("graceful-close: invalid GRACEFUL_CLOSE_LINGER_TIME='abc': "
+            "expected a number of seconds > 0 and <= 86400")
 
 
 @pytest.mark.parametrize("how", ["uvicorn-workers-2", "uvicorn", "gunicorn"])
