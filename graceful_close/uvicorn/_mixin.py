@@ -52,6 +52,8 @@ class _Process:
     reclaimer: DescriptorReclaimer | None = None  # issue 20: None when RLIMIT_NOFILE is unknown
     at_once = False  # lingering_close=auto (issue 18, core.closing)
     user_agent_rules = False  # the policy has User-Agent rules: look at each first request
+    first_cap = _NO_CAP  # _gc_cap of a new connection
+    max_age = 0.0  # policy.max_age, 0: no age cap
 
 
 def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
@@ -73,6 +75,8 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
             close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
     _Process.user_agent_rules = policy.user_agents.active
+    _Process.first_cap = 0 if _Process.keepalive_header else (policy.max_requests or _NO_CAP)
+    _Process.max_age = policy.max_age or 0.0
     return policy
 
 
@@ -235,15 +239,17 @@ class LingeringCloseMixin(_Base):
     _gc_input_after: bool  # bytes arrived after the last request was whole (reset per request)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        policy = _Process.policy or _start_process(self)
+        if _Process.policy is None:
+            _start_process(self)
         real: asyncio.Transport = transport  # type: ignore[assignment]  # (cast() is a call)
         now = self.loop.time()
         self._gc_transport = real
         self._gc_done = False
         self._gc_requests = 0
-        self._gc_cap = 0 if _Process.keepalive_header else (policy.max_requests or _NO_CAP)
+        self._gc_cap = _Process.first_cap
         self._gc_accepted = now
-        self._gc_age_deadline = now + policy.max_age if policy.max_age else math.inf
+        max_age = _Process.max_age
+        self._gc_age_deadline = now + max_age if max_age else math.inf
         self._gc_user_agent = None
         self._gc_closing = False
         self._gc_refused = False
