@@ -539,6 +539,10 @@ class DescriptorReclaimer:
         self._held = held
         self._close_idle = close_idle
         self._again: asyncio.TimerHandle | None = None
+        # While the connections' set holds fewer than this, check() frees nothing: an adapter
+        # may skip the call per accepted connection (issue 18). Detached sockets only grow in
+        # hand_off(); after one, refresh_watermark(). Fewer detached later only makes it low.
+        self.watermark = budget.capacity - engine.detached
         previous = loop.get_exception_handler()
 
         def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -554,9 +558,13 @@ class DescriptorReclaimer:
 
     def check(self, asking: Any = None) -> None:
         """`asking`: the connection being accepted or handed off (never closed here)."""
+        self.refresh_watermark()
         wanted = self.budget.to_free(self._held())
         if wanted:
             self._free(wanted, asking)
+
+    def refresh_watermark(self) -> None:
+        self.watermark = self.budget.capacity - self.engine.detached
 
     def _free(self, wanted: int, asking: Any) -> None:
         freed = self._close_idle(wanted, asking)

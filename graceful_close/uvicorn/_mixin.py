@@ -23,14 +23,14 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ..core.closing import AUTO, closes_at_once, headers_say_close
 from ..core.counters import PROCESS_COUNTERS
 from ..core.keepalive import KeepAlivePolicy
 from ..core.stopping import StopDrain
 from ..engines.aio import DescriptorReclaimer, drain_engine, fileno, nothing_at_stake
-from ..engines.sockets import descriptor_budget, unacked_bytes, unread_bytes
+from ..engines.sockets import descriptor_budget, queued_bytes
 from ..settings import current_settings
 from . import _compat, lifecycle
 
@@ -51,6 +51,9 @@ class _Process:
     keepalive_header = False
     reclaimer: DescriptorReclaimer | None = None  # issue 20: None when RLIMIT_NOFILE is unknown
     at_once = False  # lingering_close=auto (issue 18, core.closing)
+    user_agent_rules = False  # the policy has User-Agent rules: look at each first request
+    first_cap = _NO_CAP  # _gc_cap of a new connection
+    max_age = 0.0  # policy.max_age, 0: no age cap
 
 
 def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
@@ -71,6 +74,9 @@ def _start_process(first: LingeringCloseMixin) -> KeepAlivePolicy:
             engine, budget, held=lambda: len(connections) + engine.detached,
             close_idle=lambda wanted, asking: _close_idle(connections, wanted, asking))
     policy = _Process.policy = KeepAlivePolicy(settings)
+    _Process.user_agent_rules = policy.user_agents.active
+    _Process.first_cap = 0 if _Process.keepalive_header else (policy.max_requests or _NO_CAP)
+    _Process.max_age = policy.max_age or 0.0
     return policy
 
 
@@ -223,26 +229,30 @@ class LingeringCloseMixin(_Base):
     _gc_input_after: bool  # bytes arrived after the last request was whole (reset per request)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        policy = _Process.policy or _start_process(self)
-        real = cast(asyncio.Transport, transport)
+        if _Process.policy is None:
+            _start_process(self)
+        real: asyncio.Transport = transport  # type: ignore[assignment]  # (cast() is a call)
         now = self.loop.time()
         self._gc_transport = real
         self._gc_done = False
         self._gc_requests = 0
-        self._gc_cap = 0 if _Process.keepalive_header else (policy.max_requests or _NO_CAP)
+        self._gc_cap = _Process.first_cap
         self._gc_accepted = now
-        self._gc_age_deadline = now + policy.max_age if policy.max_age else math.inf
+        max_age = _Process.max_age
+        self._gc_age_deadline = now + max_age if max_age else math.inf
         self._gc_user_agent = None
         self._gc_closing = False
         self._gc_refused = False
         self._gc_input_after = False
-        super().connection_made(cast(asyncio.Transport, ClosingTransport(real, self._gc_hand_off)))
+        super().connection_made(ClosingTransport(real, self._gc_hand_off))  # type: ignore[arg-type]
         if _Drain.current is not None:
             # Accepted just before the server stopped listening, after it asked its
             # connections to shut down: served once, with Connection: close.
             self._gc_cap = 0
         reclaimer = _Process.reclaimer
-        if reclaimer is not None:  # once per connection: near RLIMIT_NOFILE, free some
+        # Once per connection: near RLIMIT_NOFILE, free some. Below the watermark the check
+        # cannot want anything (DescriptorReclaimer.watermark), so it is not called.
+        if reclaimer is not None and len(self.server_state.connections) >= reclaimer.watermark:
             reclaimer.check(self)
 
     # ---- short of descriptors (issue 20) -------------------------------------------
@@ -267,14 +277,18 @@ class LingeringCloseMixin(_Base):
         if self._gc_done:
             return
         if _Process.at_once and self._gc_client_ended():
-            # lingering_close=auto: no byte can meet an RST; close as stock does.
+            # lingering_close=auto: no byte can meet an RST; close as stock does. uvicorn's
+            # bookkeeping is called directly (our connection_lost would only set _gc_done).
+            self._gc_done = True
             self._gc_transport.close()
-            self.connection_lost(None)
+            super().connection_lost(None)
             return
         reclaimer = _Process.reclaimer
         if reclaimer is not None:  # once per hand-off: near RLIMIT_NOFILE, free some
             reclaimer.check(self)
         drain_engine(self.loop).hand_off(self._gc_transport, self.server_state.connections)
+        if reclaimer is not None:  # the hand-off may have detached a socket: fewer free
+            reclaimer.refresh_watermark()
         self.connection_lost(None)
 
     def _gc_client_ended(self) -> bool:
@@ -288,10 +302,13 @@ class LingeringCloseMixin(_Base):
         if not headers_say_close(cycle.scope["headers"]) or self._gc_held_input(cycle):
             return False
         transport = self._gc_transport
-        fd = fileno(transport)
-        if fd is None or transport.get_write_buffer_size():
+        if transport.get_write_buffer_size():
             return False
-        return closes_at_once(AUTO, True, True, unread_bytes(fd), unacked_bytes(fd))
+        fd = fileno(transport)
+        if fd is None:
+            return False
+        unread, unacked = queued_bytes(fd)
+        return closes_at_once(AUTO, True, True, unread, unacked)
 
     def _gc_held_input(self, cycle: Any) -> bool:
         """Bytes received after `cycle`'s request (held unparsed or unserved, or dropped).
@@ -430,14 +447,14 @@ class LingeringCloseMixin(_Base):
         """Once per new request cycle, before its task runs: the policy's per-request cost."""
         n = self._gc_requests = self._gc_requests + 1
         self._gc_input_after = False
-        if n == 1:
+        if n == 1 and _Process.user_agent_rules:
             self._gc_first_request()
         if n < self._gc_cap and self.loop.time() < self._gc_age_deadline:
             return
         self._gc_decide(cycle, n)
 
     def _gc_first_request(self) -> None:
-        """The User-Agent rule, once per connection."""
+        """The User-Agent rule, once per connection (when the policy has User-Agent rules)."""
         policy = _Process.policy
         assert policy is not None
         if policy.user_agents.active:

@@ -49,7 +49,8 @@ class H11Protocol(LingeringCloseMixin, h11_impl.H11Protocol):
 
     def _gc_held_input(self, cycle: Any) -> bool:
         # h11 keeps what came after a request that ends the connection in its buffer.
-        return super()._gc_held_input(cycle) or bool(self.conn.trailing_data[0])
+        # (LingeringCloseMixin._gc_held_input's test written out: no super() frame per close)
+        return cycle is not self.cycle or self._gc_input_after or bool(self.conn.trailing_data[0])
 
 
 if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
@@ -98,8 +99,9 @@ if importlib.util.find_spec("httptools") is not None:  # optional in uvicorn
             # httptools parses all it is fed: a next message began (its own scope) or is
             # queued. Bytes after a Connection: close request in the same read are dropped
             # by llhttp (uvicorn sets lenient_data_after_close) without a trace.
-            return (super()._gc_held_input(cycle) or self.scope is not cycle.scope
-                    or bool(self.pipeline))
+            # (LingeringCloseMixin._gc_held_input's test written out: no super() frame per close)
+            return (cycle is not self.cycle or self._gc_input_after
+                    or self.scope is not cycle.scope or bool(self.pipeline))
 
     AutoHTTPProtocol: type[asyncio.Protocol] = HttpToolsProtocol
 else:  # pragma: no cover - without httptools
