@@ -12,29 +12,19 @@ import os
 import pytest
 
 from benchmarks.churn import BY_NAME, NGINX, nginx_run
+from tests.helpers import churn_cases
 
 SECONDS = 3.5
 HUP_EVERY = 1.5
 MAX_REQUESTS = 150
-STOCK_LOSES = {"asgi", "uvicorn-worker", "httptools", "h11", "zttp", "hypercorn"}
 
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX) and not os.environ.get("CI"),
                                 reason="nginx is not installed (.ci/run installs it)")
 
-
-def _cases() -> list[object]:
-    cases: list[object] = []
-    for name in BY_NAME:
-        for variant in ("stock", "ours"):
-            marks = []
-            if variant == "stock" and name in STOCK_LOSES:
-                marks.append(pytest.mark.xfail(strict=False, reason=f"stock {name}: nginx answers "
-                                               "502 for POSTs lost on pooled connections"))
-            cases.append(pytest.param(name, variant, id=f"{name}-{variant}", marks=marks))
-    return cases
+WHY_STOCK_LOSES = "nginx answers 502 for POSTs lost on pooled connections"
 
 
-@pytest.mark.parametrize(("name", "variant"), _cases())
+@pytest.mark.parametrize(("name", "variant"), churn_cases(BY_NAME, WHY_STOCK_LOSES))
 def test_no_502_behind_nginx_while_workers_recycle(name: str, variant: str) -> None:
     result = nginx_run(BY_NAME[name], variant, SECONDS, HUP_EVERY, max_requests=MAX_REQUESTS,
                        jitter=50)

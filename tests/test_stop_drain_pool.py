@@ -16,28 +16,17 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.churn import BY_NAME, pool_run
+from tests.helpers import churn_cases
 
 SECONDS = 4.0
 HUP_EVERY = 2.0
 # Recycles often enough for several stops per run at the pool's ~600 requests/s.
 MAX_REQUESTS = 150
 
-STOCK_LOSES = {"asgi", "uvicorn-worker", "httptools", "h11", "zttp", "hypercorn"}
+WHY_STOCK_LOSES = "closes idle pooled connections under the pool at a stop"
 
 
-def _cases() -> list[object]:
-    cases: list[object] = []
-    for name in BY_NAME:
-        for variant in ("stock", "ours"):
-            marks = []
-            if variant == "stock" and name in STOCK_LOSES:
-                marks.append(pytest.mark.xfail(strict=False, reason=f"stock {name} closes idle "
-                                               "pooled connections under the pool at a stop"))
-            cases.append(pytest.param(name, variant, id=f"{name}-{variant}", marks=marks))
-    return cases
-
-
-@pytest.mark.parametrize(("name", "variant"), _cases())
+@pytest.mark.parametrize(("name", "variant"), churn_cases(BY_NAME, WHY_STOCK_LOSES))
 def test_pool_loses_nothing_while_workers_recycle(name: str, variant: str) -> None:
     result = pool_run(BY_NAME[name], variant, SECONDS, HUP_EVERY, max_requests=MAX_REQUESTS,
                       jitter=50)
